@@ -1,0 +1,98 @@
+"""The training engine's settings, and the command-line flags every `train` sub-command shares."""
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+from fromscratch.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "noam", "constant")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 32  # the GLOBAL batch: split over processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 3e-4  # peak learning rate (for "noam": a multiplier on d_model^-0.5 · ...)
+    min_lr: float = 0.0  # the floor of the cosine schedule
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    noam_d_model: int = 512  # d_model in the paper's schedule (§5.3)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW decay, applied to matrices only (not norms, not biases)
+    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 200
+    save_every: int = 200
+    keep_last: int = 2  # how many recent checkpoints to keep (the best is always kept too)
+    seed: int = 0
+    dtype: str = "float32"
+    compile: bool = False
+    fsdp: bool = False
+    on_nan: str = "stop"  # "stop": stop with a message; "skip": drop that step's update
+    peak_flops: float | None = None  # per device; None = look the device up in the table
+    device: str = "auto"
+    resume: bool = False
+    # Settings that may change between a run and its resumption without breaking exactness.
+    RESUMABLE_CHANGES: tuple = field(
+        default=("max_steps", "eval_every", "save_every", "keep_last", "on_nan", "compile",
+                 "peak_flops", "device", "resume", "out_dir"),
+        repr=False,
+    )
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.on_nan not in ("stop", "skip"):
+            raise UserError(f"--on-nan {self.on_nan!r}: choose 'stop' or 'skip'")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("RESUMABLE_CHANGES")
+        d["betas"] = list(self.betas)
+        return d
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:
+    """The flags every `fromscratch <model> train` shares; `defaults` gives the model's own defaults."""
+    d = defaults or TrainConfig()
+    g = parser.add_argument_group("training engine")
+    g.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plots)")
+    g.add_argument("--max-steps", type=int, default=d.max_steps)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--clip-grad", type=float, default=d.clip_grad)
+    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval in steps")
+    g.add_argument("--keep-last", type=int, default=d.keep_last)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (under torchrun)")
+    g.add_argument("--on-nan", choices=("stop", "skip"), default=d.on_nan)
+    g.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, for MFU")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+
+
+def train_config_from_args(args: argparse.Namespace, defaults: TrainConfig | None = None) -> TrainConfig:
+    """Merge the parsed shared flags into the model's default TrainConfig."""
+    base = asdict(defaults or TrainConfig())
+    base.pop("RESUMABLE_CHANGES")
+    names = {f.name for f in fields(TrainConfig)}
+    for name in names:
+        if hasattr(args, name) and getattr(args, name) is not None:
+            base[name] = getattr(args, name)
+    base["out_dir"] = args.out
+    return TrainConfig(**base)

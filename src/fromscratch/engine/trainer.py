@@ -1,0 +1,388 @@
+"""The training loop every fromscratch model shares.
+
+The engine knows nothing about any model. A *task* supplies the model-specific parts:
+
+    task.model                      the nn.Module to train
+    task.model_config               a dataclass with to_dict(), saved as model_config.json
+    task.global_batch(step)         the whole global batch of optimizer step `step` (1-based), a
+                                    dict of tensors with the batch on dim 0 and a pure function
+                                    of (seed, step): the data position is the step itself
+    task.loss(model, batch)         (sum of per-token losses, number of tokens) on a micro-batch
+    task.evaluate(model, step)      {"val_loss": ..., ...}, called every `eval_every` steps
+    task.save_artifacts(run_dir)    tokenizer files etc., once at the start of a run (optional)
+    task.flops_per_token()          for model FLOPs utilisation (optional)
+    task.best_metric, best_mode     which evaluate() key picks the best checkpoint
+                                    (default "val_loss", "min")
+    task.fsdp_modules()             sub-modules to shard one by one under --fsdp (optional)
+
+Why the loss is a *sum*: the global batch is split over P processes and A accumulation steps.
+Each micro-batch's summed loss is back-propagated, the token count is all-reduced, and the
+gradients are divided by it, so the update equals that of one process on the whole batch,
+whatever P and A are (DDP averages gradients over processes, hence the extra factor P).
+"""
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm.auto import tqdm
+
+import fromscratch
+from fromscratch.engine import checkpoint as ckpt
+from fromscratch.engine.config import TrainConfig
+from fromscratch.engine.distributed import (
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    resolve_device,
+    shutdown,
+)
+from fromscratch.engine.metrics import CSVLog, TensorBoard, device_peak_flops
+from fromscratch.engine.schedules import learning_rate
+from fromscratch.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingStopped(UserError):
+    """The run cannot go on (a NaN loss, say); the last good checkpoint is left in place."""
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_batch(batch: dict, n: int) -> list[dict]:
+    """Split a global batch along dim 0 into `n` consecutive micro-batches."""
+    rows = next(v.size(0) for v in batch.values() if isinstance(v, torch.Tensor))
+    if rows < n:
+        raise UserError(
+            f"a global batch of {rows} rows cannot be split into {n} micro-batches "
+            "(processes × --grad-accum): raise --batch-size or lower --grad-accum"
+        )
+    parts = {k: torch.tensor_split(v, n) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return [{k: (parts[k][i] if k in parts else v) for k, v in batch.items()} for i in range(n)]
+
+
+def _device_type(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
+
+
+class Trainer:
+    def __init__(self, task, config: TrainConfig, command: list[str] | None = None):
+        self.task, self.config = task, config
+        self.command = list(command if command is not None else sys.argv)
+        self.run_dir = Path(config.out_dir)
+        self.best_metric = getattr(task, "best_metric", "val_loss")
+        self.best_mode = getattr(task, "best_mode", "min")
+        # Everything that can be wrong with the arguments fails here, before any work starts.
+        device_type = _device_type(config.device)
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {config.device}: no CUDA device is available here")
+        self.dist = init_distributed(device_type)
+        self.device = resolve_device(config.device, self.dist)
+        chunks = self.dist.world_size * config.grad_accum
+        if config.batch_size % chunks:
+            raise UserError(
+                f"--batch-size {config.batch_size} is not divisible by processes × --grad-accum = "
+                f"{self.dist.world_size} × {config.grad_accum}; the global batch must split evenly"
+            )
+        if config.fsdp and not self.dist.enabled:
+            raise UserError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N")
+        self._check_run_dir()
+        self._stop_signal: int | None = None
+
+    # --- run directory ---------------------------------------------------------------------
+
+    def _check_run_dir(self) -> None:
+        index = ckpt.read_index(self.run_dir)
+        if self.config.resume and not index.get("latest"):
+            raise UserError(f"--resume: {self.run_dir} holds no checkpoint to resume from; drop --resume to start a new run")
+        if not self.config.resume and index.get("latest"):
+            raise UserError(
+                f"{self.run_dir} already holds a run (checkpoint {index['latest']}); "
+                "pass --resume to continue it, or choose another --out"
+            )
+        if self.config.resume:
+            record = json.loads((self.run_dir / "run.json").read_text())
+            problems = [
+                f"{key}={record['model_config'].get(key)!r} (asked now: {value!r})"
+                for key, value in self.task.model_config.to_dict().items()
+                if record["model_config"].get(key) != value
+            ]
+            problems += [
+                f"{key}={record['train_config'].get(key)!r} (asked now: {value!r})"
+                for key, value in self.config.to_dict().items()
+                if key not in self.config.RESUMABLE_CHANGES and record["train_config"].get(key) != value
+            ]
+            if problems:
+                raise UserError(
+                    f"--resume: the run in {self.run_dir} was started with "
+                    + "; ".join(problems)
+                    + f". Repeat the original flags (recorded in {self.run_dir / 'run.json'}) or use a new --out"
+                )
+
+    def _write_run_record(self) -> None:
+        path = self.run_dir / "run.json"
+        entry = {"command": self.command, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if self.config.resume and path.exists():
+            record = json.loads(path.read_text())
+            record.setdefault("resumes", []).append(entry)
+        else:
+            record = {
+                **entry,
+                "task": type(self.task).__name__,
+                "model_config": self.task.model_config.to_dict(),
+                "train_config": self.config.to_dict(),
+                "world_size": self.dist.world_size,
+                "device": str(self.device),
+                "versions": {"fromscratch": fromscratch.__version__, "torch": torch.__version__},
+            }
+        ckpt.write_json(path, record)
+        ckpt.write_json(self.run_dir / ckpt.MODEL_CONFIG, self.task.model_config.to_dict())
+
+    # --- model, optimizer ------------------------------------------------------------------
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.dist.enabled and self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for module in getattr(self.task, "fsdp_modules", lambda: [])():
+                fully_shard(module)
+            fully_shard(model)
+            wrapped = model
+        elif self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=ids)
+        else:
+            wrapped = model
+        return torch.compile(wrapped) if self.config.compile else wrapped
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas, eps=self.config.eps)
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def _save(self, step, tokens_seen, best, is_best, model, optimizer, scaler) -> None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)  # collective
+        if self.dist.is_main:
+            ckpt.prepare_checkpoint(self.run_dir, step)
+        barrier(self.dist)  # the temporary directory exists; every process adds its RNG state
+        tmp = ckpt.temporary_dir(self.run_dir, step)
+        rng_json, rng_tensors = ckpt.capture_rng()
+        ckpt.save_tensors(rng_tensors, tmp / f"rng-rank{self.dist.rank}.safetensors", metadata={"state": json.dumps(rng_json)})
+        barrier(self.dist)
+        if self.dist.is_main:
+            optim_tensors, optim_rest = ckpt.flatten_optimizer_state(optim_state)
+            trainer_state = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "best": best,
+                "world_size": self.dist.world_size,
+                "optimizer": optim_rest,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            }
+            ckpt.seal_checkpoint(
+                self.run_dir, step, tmp, model_state, optim_tensors, trainer_state, is_best, self.config.keep_last
+            )
+            self._plot()
+        barrier(self.dist)
+
+    def _load(self, model, optimizer, scaler) -> tuple[int, int, dict | None]:
+        directory = ckpt.checkpoint_dir(self.run_dir, "latest")
+        state = json.loads((directory / "trainer_state.json").read_text())
+        model_state = ckpt.load_model_weights(directory / ckpt.MODEL_FILE)
+        optim_state = ckpt.unflatten_optimizer_state(
+            ckpt.load_tensors(directory / "optimizer.safetensors"), state["optimizer"]
+        )
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rng_file = directory / f"rng-rank{self.dist.rank}.safetensors"
+        if rng_file.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(rng_file), framework="pt") as f:
+                rng_json = json.loads(f.metadata()["state"])
+            ckpt.restore_rng(rng_json, ckpt.load_tensors(rng_file))
+        elif self.dist.is_main:
+            print(f"note: {directory} has no RNG state for rank {self.dist.rank} (different process count); "
+                  "the resumed run is valid but not bit-identical", file=sys.stderr)
+        return state["step"], state["tokens_seen"], state.get("best")
+
+    def _plot(self) -> None:
+        try:
+            from fromscratch.engine.plot import plot_runs
+
+            plot_runs([self.run_dir], self.run_dir / "loss.png")
+        except ImportError:  # matplotlib is optional
+            pass
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _evaluate(self, model, step: int) -> dict[str, float]:
+        # Evaluation must not move the training RNG streams, or resumed runs would diverge.
+        rng_json, rng_tensors = ckpt.capture_rng()
+        model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                return {k: float(v) for k, v in self.task.evaluate(model, step).items()}
+        finally:
+            model.train()
+            ckpt.restore_rng(rng_json, rng_tensors)
+
+    def _autocast(self):
+        dtype = DTYPES[self.config.dtype]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def fit(self) -> dict:
+        """Train to `max_steps` (or until stopped); returns the last metrics and where things are."""
+        cfg, info = self.config, self.dist
+        model = self.task.model.to(self.device)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.run_dir)
+            self._write_run_record()
+            if hasattr(self.task, "save_artifacts"):
+                self.task.save_artifacts(self.run_dir)
+        train_model = self._wrap(model)
+        optimizer = self._optimizer(model)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "float16")
+        if cfg.resume:
+            step0, tokens_seen, best = self._load(model, optimizer, scaler)
+        else:
+            step0, tokens_seen, best = 0, 0, None
+            torch.manual_seed(cfg.seed + info.rank)  # each process its own dropout stream
+        log = CSVLog(self.run_dir / "metrics.csv") if info.is_main else None
+        eval_log = CSVLog(self.run_dir / "eval.csv") if info.is_main else None
+        board = TensorBoard(self.run_dir) if info.is_main else None
+        if log and cfg.resume:
+            log.truncate_after(step0)
+            eval_log.truncate_after(step0)
+        flops_per_token = getattr(self.task, "flops_per_token", lambda: None)()
+        peak = device_peak_flops(self.device, cfg.peak_flops)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        progress = tqdm(total=cfg.max_steps, initial=step0, disable=not info.is_main, desc="train", dynamic_ncols=True)
+        is_ddp = info.enabled and not cfg.fsdp
+        chunks = info.world_size * cfg.grad_accum
+        last, evals, step = {}, {}, step0
+        try:
+            timer = time.perf_counter()
+            for step in range(step0 + 1, cfg.max_steps + 1):
+                lr = learning_rate(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro_batches = split_batch(self.task.global_batch(step), chunks)
+                mine = micro_batches[info.rank * cfg.grad_accum : (info.rank + 1) * cfg.grad_accum]
+                loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+                n_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+                for i, micro in enumerate(mine):
+                    micro = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
+                    sync = train_model.no_sync() if is_ddp and i < len(mine) - 1 else nullcontext()
+                    with sync:
+                        with self._autocast():
+                            micro_loss, micro_tokens = self.task.loss(train_model, micro)
+                        scaler.scale(micro_loss.float()).backward()
+                    loss_sum += micro_loss.detach().double()
+                    n_tokens += micro_tokens
+                totals = all_reduce_sum(torch.stack([loss_sum, n_tokens]), info)
+                global_tokens = int(totals[1].item())
+                loss = (totals[0] / max(global_tokens, 1)).item()
+                scaler.unscale_(optimizer)
+                factor = info.world_size / max(global_tokens, 1)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+                max_norm = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                bad = not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm))
+                if bad and cfg.on_nan == "stop":
+                    latest = ckpt.checkpoint_dir(self.run_dir, "latest")
+                    where = f"the last good checkpoint, {latest}, is untouched" if latest else "no checkpoint was written yet"
+                    raise TrainingStopped(
+                        f"loss became {loss} (gradient norm {grad_norm}) at step {step}: training stopped; "
+                        f"{where}. Lower --lr and --resume, or pass --on-nan skip to drop such steps"
+                    )
+                if bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    if info.is_main:
+                        progress.write(f"step {step}: loss {loss}, update skipped (--on-nan skip)")
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                tokens_seen += global_tokens
+                now = time.perf_counter()
+                tokens_per_sec = global_tokens / max(now - timer, 1e-9)
+                timer = now
+                mfu = flops_per_token * tokens_per_sec / (peak * info.world_size) if flops_per_token and peak else float("nan")
+                last = {
+                    "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                    "tokens_per_sec": tokens_per_sec, "mfu": mfu, "skipped": int(bad),
+                }
+                if info.is_main:
+                    log.write(last)
+                    board.write(last, step, "train")
+                    progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+                    progress.update(1)
+
+                is_best = False
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    evals = {"step": step, **self._evaluate(model, step)}
+                    value = evals.get(self.best_metric)
+                    if value is not None and math.isfinite(value):
+                        better = best is None or (value < best["value"] if self.best_mode == "min" else value > best["value"])
+                        if better:
+                            best, is_best = {"value": value, "step": step, "metric": self.best_metric}, True
+                    if info.is_main:
+                        eval_log.write(evals)
+                        board.write(evals, step, "eval")
+                        progress.write("step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if k != "step")))
+                stopping = self._stop_signal is not None
+                if step % cfg.save_every == 0 or step == cfg.max_steps or is_best or stopping:
+                    self._save(step, tokens_seen, best, is_best, model, optimizer, scaler)
+                    timer = time.perf_counter()  # saving is not training time
+                if stopping:
+                    if info.is_main:
+                        progress.write(f"stopped by signal {self._stop_signal} at step {step}; checkpoint saved. "
+                                       f"Continue with the same command and --resume")
+                    break
+        finally:
+            progress.close()
+            for s, handler in old_handlers.items():
+                signal.signal(s, handler)
+            if board:
+                board.close()
+            shutdown(info)
+        return {"step": step, "train": last, "eval": evals, "best": best, "run_dir": str(self.run_dir)}

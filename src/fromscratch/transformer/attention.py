@@ -1,0 +1,60 @@
+"""Scaled dot-product attention, §3.2.1 of Vaswani et al. (2017).
+
+    Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V
+
+This one function serves every model in the package (the Transformer's self- and
+cross-attention, Llama's grouped-query attention). It has two paths that compute the same
+thing: the explicit maths, which is what the README teaches, and PyTorch's fused
+`scaled_dot_product_attention`, which is faster (flash / memory-efficient kernels on GPU).
+`tests/transformer/test_attention.py` proves they agree.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    use_sdpa: bool = True,
+) -> torch.Tensor:
+    """Attend from `query` to `key`/`value`.
+
+    query: (B, H, T_q, d_k); key: (B, H, T_k, d_k); value: (B, H, T_k, d_v).
+    mask: boolean, broadcastable to (B, H, T_q, T_k); True where attention is allowed.
+    is_causal: also forbid query i from seeing key j > i + (T_k - T_q) (the decoder's mask,
+        aligned to the end so it stays right when cached keys precede the queries).
+    Returns (B, H, T_q, d_v).
+
+    A masked score is set to the most negative finite number rather than −∞, so a query row
+    with nothing to attend to (a padding position) yields a harmless average instead of NaN.
+    """
+    t_q, t_k = query.size(-2), key.size(-2)
+    if use_sdpa and mask is None and (not is_causal or t_q == t_k or t_q == 1):
+        # No explicit mask needed: lets PyTorch pick its flash / memory-efficient kernels.
+        return F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout_p, is_causal=is_causal and t_q == t_k
+        )
+    if is_causal:
+        causal = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
+        mask = causal if mask is None else mask & causal
+    if use_sdpa:
+        if mask is not None:
+            # An additive mask with a finite minimum keeps the two paths identical.
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, T_q, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ value  # (B, H, T_q, d_v)

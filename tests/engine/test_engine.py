@@ -1,0 +1,182 @@
+"""The training engine's promises, on a toy task (see toy_task.py)."""
+
+import json
+import math
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_task import ToyConfig, ToyTask  # noqa: E402
+
+from fromscratch.engine import Trainer, TrainConfig, TrainingStopped, load_run  # noqa: E402
+from fromscratch.engine.checkpoint import checkpoint_dir, load_model_weights, read_index  # noqa: E402
+from fromscratch.engine.metrics import read_csv  # noqa: E402
+from fromscratch.engine.schedules import learning_rate  # noqa: E402
+from fromscratch.errors import UserError  # noqa: E402
+
+
+def config(out, **kw):
+    base = dict(out_dir=str(out), max_steps=20, batch_size=8, lr=1e-2, warmup_steps=3, eval_every=5,
+                save_every=5, keep_last=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def final_weights(run_dir):
+    return load_model_weights(checkpoint_dir(run_dir, "latest") / "model.safetensors")
+
+
+def test_loss_falls_and_run_directory_is_complete(tmp_path):
+    result = Trainer(ToyTask(), config(tmp_path / "run", max_steps=60, save_every=20, eval_every=20)).fit()
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(rows) == 60
+    assert sum(r["loss"] for r in rows[-10:]) / 10 < 0.75 * rows[0]["loss"]
+    assert result["eval"]["val_loss"] < 0.75 * math.log(32)
+    index = read_index(tmp_path / "run")
+    assert index["latest"] == "step-00000060"
+    # keep_last=2 plus the best: no more than three checkpoints on disk
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) <= 3
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["train_config"]["max_steps"] == 60 and record["model_config"]["d_model"] == 16
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+class SignalledTask(ToyTask):
+    """Sends itself SIGTERM while fetching the batch of `signal_step`, as a scheduler would."""
+
+    def __init__(self, signal_step, **kw):
+        super().__init__(**kw)
+        self.signal_step = signal_step
+
+    def global_batch(self, step):
+        if step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().global_batch(step)
+
+
+def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
+    Trainer(ToyTask(), config(tmp_path / "straight")).fit()
+    result = Trainer(SignalledTask(signal_step=12), config(tmp_path / "broken")).fit()
+    assert result["step"] == 12 and read_index(tmp_path / "broken")["latest"] == "step-00000012"
+    # A fresh process would rebuild the task with a fresh RNG: mimic that by disturbing it.
+    torch.manual_seed(999)
+    Trainer(ToyTask(seed=0), config(tmp_path / "broken", resume=True)).fit()
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses = lambda run: [r["loss"] for r in read_csv(tmp_path / run / "metrics.csv")]  # noqa: E731
+    assert losses("straight") == losses("broken")
+
+
+def test_arguments_fail_before_work(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        Trainer(ToyTask(), config(tmp_path / "none", resume=True))
+    with pytest.raises(UserError, match="not divisible"):
+        Trainer(ToyTask(), config(tmp_path / "x", batch_size=7, grad_accum=2))
+    with pytest.raises(UserError, match="--fsdp"):
+        Trainer(ToyTask(), config(tmp_path / "x", fsdp=True))
+    with pytest.raises(UserError, match="--dtype"):
+        config(tmp_path / "x", dtype="float8")
+    Trainer(ToyTask(), config(tmp_path / "run", max_steps=5)).fit()
+    with pytest.raises(UserError, match="already holds a run"):
+        Trainer(ToyTask(), config(tmp_path / "run", max_steps=5))
+    with pytest.raises(UserError, match="d_model=16"):
+        Trainer(ToyTask(config=ToyConfig(d_model=24)), config(tmp_path / "run", max_steps=10, resume=True))
+    with pytest.raises(UserError, match="batch_size=8"):
+        Trainer(ToyTask(), config(tmp_path / "run", max_steps=10, batch_size=16, resume=True))
+    assert not (tmp_path / "x").exists()  # nothing was written for the refused runs
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="at step 8") as err:
+        Trainer(ToyTask(nan_at_step=8), config(run)).fit()
+    assert "step-00000005" in str(err.value)
+    assert read_index(run)["latest"] == "step-00000005"
+    weights = final_weights(run)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nan_loss_skip_drops_the_update(tmp_path):
+    result = Trainer(ToyTask(nan_at_step=18), config(tmp_path / "run", on_nan="skip")).fit()
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert [int(r["skipped"]) for r in rows[-3:]] == [1, 1, 1]
+    assert result["step"] == 20
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    cfg = dict(max_steps=6, eval_every=100, save_every=100)
+    Trainer(ToyTask(config=ToyConfig(dropout=0.0)), config(tmp_path / "a1", **cfg)).fit()
+    Trainer(ToyTask(config=ToyConfig(dropout=0.0)), config(tmp_path / "a4", grad_accum=4, **cfg)).fit()
+    a, b = final_weights(tmp_path / "a1"), final_weights(tmp_path / "a4")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_learning_rate_schedules():
+    cos = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
+    assert learning_rate(5, cos) == pytest.approx(0.5)
+    assert learning_rate(10, cos) == pytest.approx(1.0)
+    assert learning_rate(60, cos) == pytest.approx(0.55)
+    assert learning_rate(110, cos) == pytest.approx(0.1)
+    noam = TrainConfig(lr=1.0, warmup_steps=4000, noam_d_model=512, schedule="noam")
+    peak = 512**-0.5 * 4000**-0.5
+    assert learning_rate(4000, noam) == pytest.approx(peak)
+    assert learning_rate(2000, noam) == pytest.approx(peak / 2)
+    assert learning_rate(16000, noam) == pytest.approx(peak / 2)
+
+
+def test_load_run_reads_best_and_latest(tmp_path):
+    Trainer(ToyTask(), config(tmp_path / "run")).fit()
+    weights, model_config, run_dir = load_run(tmp_path / "run", which="latest")
+    assert model_config == ToyConfig().to_dict() and run_dir == tmp_path / "run"
+    assert set(weights) == set(ToyTask().model.state_dict())
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        load_run(tmp_path)
+
+
+def test_bfloat16_autocast_trains_on_cpu(tmp_path):
+    result = Trainer(ToyTask(), config(tmp_path / "run", dtype="bfloat16", max_steps=30)).fit()
+    assert result["eval"]["val_loss"] < math.log(32)
+
+
+def test_float16_with_gradient_scaler_runs(tmp_path):
+    result = Trainer(ToyTask(), config(tmp_path / "run", dtype="float16", max_steps=10)).fit()
+    state = json.loads((checkpoint_dir(tmp_path / "run") / "trainer_state.json").read_text())
+    assert state["scaler"] is not None and math.isfinite(result["train"]["loss"])
+
+
+# --- several processes (Gloo on CPU) ----------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out, grad_accum):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    task = ToyTask(config=ToyConfig(dropout=0.0))
+    Trainer(task, config(out, max_steps=10, eval_every=100, save_every=5, grad_accum=grad_accum)).fit()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_processes_equal_one(tmp_path, grad_accum):
+    Trainer(ToyTask(config=ToyConfig(dropout=0.0)), config(tmp_path / "one", max_steps=10, eval_every=100)).fit()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), grad_accum), nprocs=2, join=True)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "two" / "checkpoints" / "step-00000010" / "rng-rank1.safetensors").exists()
