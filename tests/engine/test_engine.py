@@ -164,19 +164,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out, grad_accum):
+def _worker(rank, world_size, port, out, grad_accum, fsdp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     task = ToyTask(config=ToyConfig(dropout=0.0))
-    Trainer(task, config(out, max_steps=10, eval_every=100, save_every=5, grad_accum=grad_accum)).fit()
+    Trainer(task, config(out, max_steps=10, eval_every=100, save_every=5, grad_accum=grad_accum, fsdp=fsdp)).fit()
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_processes_equal_one(tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum,fsdp", [(1, False), (2, False), (1, True)], ids=["ddp", "ddp-accum", "fsdp"])
+def test_two_processes_equal_one(tmp_path, grad_accum, fsdp):
     Trainer(ToyTask(config=ToyConfig(dropout=0.0)), config(tmp_path / "one", max_steps=10, eval_every=100)).fit()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), grad_accum), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), grad_accum, fsdp), nprocs=2, join=True)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert (tmp_path / "two" / "checkpoints" / "step-00000010" / "rng-rank1.safetensors").exists()
+
+
+def test_time_budget_stops_and_saves(tmp_path):
+    result = Trainer(ToyTask(), config(tmp_path / "run", max_minutes=1e-9)).fit()
+    assert result["step"] == 1
+    assert read_index(tmp_path / "run")["latest"] == "step-00000001"
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path):
+    result = Trainer(ToyTask(), config(tmp_path / "run", compile=True, max_steps=20)).fit()
+    assert result["eval"]["val_loss"] < math.log(32)

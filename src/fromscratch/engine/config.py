@@ -35,10 +35,11 @@ class TrainConfig:
     peak_flops: float | None = None  # per device; None = look the device up in the table
     device: str = "auto"
     resume: bool = False
+    max_minutes: float | None = None  # stop (and save) once this much wall time has passed
     # Settings that may change between a run and its resumption without breaking exactness.
     RESUMABLE_CHANGES: tuple = field(
         default=("max_steps", "eval_every", "save_every", "keep_last", "on_nan", "compile",
-                 "peak_flops", "device", "resume", "out_dir"),
+                 "peak_flops", "device", "resume", "out_dir", "max_minutes"),
         repr=False,
     )
 
@@ -84,6 +85,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig |
     g.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, for MFU")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    g.add_argument("--max-minutes", type=float, default=None, help="stop and save after this much wall time")
 
 
 def train_config_from_args(args: argparse.Namespace, defaults: TrainConfig | None = None) -> TrainConfig:

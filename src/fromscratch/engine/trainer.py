@@ -298,7 +298,7 @@ class Trainer:
         chunks = info.world_size * cfg.grad_accum
         last, evals, step = {}, {}, step0
         try:
-            timer = time.perf_counter()
+            timer = started = time.perf_counter()
             for step in range(step0 + 1, cfg.max_steps + 1):
                 lr = learning_rate(step, cfg)
                 for group in optimizer.param_groups:
@@ -369,14 +369,18 @@ class Trainer:
                         eval_log.write(evals)
                         board.write(evals, step, "eval")
                         progress.write("step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if k != "step")))
-                stopping = self._stop_signal is not None
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+                if info.enabled:  # every process must agree to stop at the same step
+                    out_of_time = bool(all_reduce_sum(torch.tensor(float(out_of_time), device=self.device), info).item())
+                stopping = self._stop_signal is not None or out_of_time
                 if step % cfg.save_every == 0 or step == cfg.max_steps or is_best or stopping:
                     self._save(step, tokens_seen, best, is_best, model, optimizer, scaler)
                     timer = time.perf_counter()  # saving is not training time
                 if stopping:
                     if info.is_main:
-                        progress.write(f"stopped by signal {self._stop_signal} at step {step}; checkpoint saved. "
-                                       f"Continue with the same command and --resume")
+                        why = f"signal {self._stop_signal}" if self._stop_signal else f"--max-minutes {cfg.max_minutes}"
+                        progress.write(f"stopped by {why} at step {step}; checkpoint saved. "
+                                       "Continue with the same command and --resume")
                     break
         finally:
             progress.close()
