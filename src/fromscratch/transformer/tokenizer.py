@@ -1,0 +1,102 @@
+"""A joint source/target byte-pair-encoding vocabulary (Vaswani et al. 2017, §5.1).
+
+"Sentences were encoded using byte-pair encoding, which has a shared source-target vocabulary of
+about 37000 tokens." One BPE (Sennrich et al. 2016) is learnt on the English and Indonesian
+training text together, so the encoder and decoder embeddings can share one matrix (§3.4).
+
+Built with Hugging Face `tokenizers`:
+- byte-level pre-tokenisation (as GPT-2): any UTF-8 text is representable, so `<unk>` is never
+  produced and `decode(encode(s)) == s` exactly;
+- a space is prepended to every sentence (and removed again on decoding) so that a word is the
+  same token at the start of a sentence as inside it;
+- special tokens <pad>=0, <s>=1, </s>=2, <unk>=3, the ids `TransformerConfig` expects.
+
+`encode` returns the BPE ids only; adding </s> and <s> is the batcher's job (`data.collate`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from fromscratch.errors import UserError
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3 in this order
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class BPETokenizer:
+    """Joint English–Indonesian BPE: `train`, `encode`, `decode`, `save`, `load`."""
+
+    pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+
+    def __init__(self, tokenizer: Tokenizer):
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if tokenizer.token_to_id(tok) != i:
+                raise UserError(f"tokenizer has {tok} at id {tokenizer.token_to_id(tok)}, expected {i}")
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> "BPETokenizer":
+        """Learn BPE merges on `texts` (pass both languages) until `vocab_size` tokens."""
+        if vocab_size < len(SPECIAL_TOKENS) + 256:
+            raise UserError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least 260")
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        tok.normalizer = normalizers.Prepend(" ")
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Detokenised text of `ids`, stopping at the first </s> and ignoring <s> and <pad>."""
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.bos_id)],
+                                     skip_special_tokens=False)
+
+    def decode_batch(self, rows: Iterable[Sequence[int]]) -> list[str]:
+        return [self.decode(r) for r in rows]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write tokenizer.json (into `path` if it is a directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        self.tokenizer.save(str(path))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BPETokenizer":
+        """Read tokenizer.json (from `path` or from the directory `path`)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise UserError(f"no tokenizer at {path}")
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise UserError(f"cannot read tokenizer {path}: {e}") from None

@@ -1,0 +1,79 @@
+"""The joint English–Indonesian BPE: exact round trips on real text, special ids, save/load."""
+
+import pytest
+
+from fromscratch.errors import UserError
+from fromscratch.transformer.data import read_parallel
+from fromscratch.transformer.tokenizer import BPETokenizer
+
+
+@pytest.fixture(scope="module")
+def corpora(shared_data):
+    train = read_parallel(shared_data / "en-id" / "tatoeba", log=False)
+    held_out = read_parallel(shared_data / "en-id" / "opus100-dev", log=False)
+    return train, held_out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpora):
+    train, _ = corpora
+    return BPETokenizer.train(train.src + train.tgt, vocab_size=4000)
+
+
+def test_special_token_ids(tokenizer):
+    t = tokenizer.tokenizer
+    assert [t.id_to_token(i) for i in range(4)] == ["<pad>", "<s>", "</s>", "<unk>"]
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id) == (0, 1, 2, 3)
+    assert tokenizer.vocab_size == 4000
+
+
+def test_round_trip_on_unseen_real_sentences_of_both_languages(tokenizer, corpora):
+    """decode(encode(s)) == s exactly, on held-out text (OPUS-100 dev) with its quotes, dashes,
+    numbers and names, and never an <unk> or other special token in between."""
+    _, held_out = corpora
+    for lines in (held_out.src, held_out.tgt):
+        ids = tokenizer.encode_batch(lines)
+        assert [tokenizer.decode(row) for row in ids] == lines
+        assert all(i >= 4 for row in ids for i in row)
+
+
+def test_round_trip_of_unusual_text(tokenizer):
+    for text in [" leading and  double  spaces ", "Ünïcode — “quotes” 日本語 😀", "tab\tinside", ""]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_vocabulary_is_joint(tokenizer):
+    """Frequent words of each language are single tokens of the one vocabulary."""
+    for word in ["the", "you", "saya", "tidak", "yang"]:
+        assert len(tokenizer.encode(word)) == 1, word
+    # A word is the same token at the start of a sentence as inside it (a space is prepended).
+    assert tokenizer.encode("saya")[0] == tokenizer.encode("Dia dan saya")[-1]
+
+
+def test_decode_stops_at_eos_and_drops_bos_and_pad(tokenizer):
+    ids = tokenizer.encode("Saya makan nasi.")
+    assert tokenizer.decode([1, *ids, 2, 0, 0]) == "Saya makan nasi."
+    assert tokenizer.decode([*ids, 2, *tokenizer.encode(" garbage")]) == "Saya makan nasi."
+    assert tokenizer.decode_batch([[1, *ids, 2], [2]]) == ["Saya makan nasi.", ""]
+
+
+def test_save_and_load(tokenizer, tmp_path, corpora):
+    path = tokenizer.save(tmp_path)
+    assert path == tmp_path / "tokenizer.json"
+    for loaded in (BPETokenizer.load(tmp_path), BPETokenizer.load(path)):
+        lines = corpora[1].tgt[:50]
+        assert loaded.encode_batch(lines) == tokenizer.encode_batch(lines)
+        assert loaded.decode(loaded.encode(lines[0])) == lines[0]
+
+
+def test_load_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no tokenizer"):
+        BPETokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read tokenizer"):
+        BPETokenizer.load(tmp_path)
+
+
+def test_too_small_vocabulary_is_refused():
+    with pytest.raises(UserError, match="at least 260"):
+        BPETokenizer.train(["a b c"], vocab_size=100)

@@ -1,0 +1,177 @@
+"""TranslationTask under the shared engine: pure batches, the §5.4 loss, evaluation, exact resume,
+and BLEU on detokenised text."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fromscratch.engine import Trainer, load_run
+from fromscratch.engine.checkpoint import checkpoint_dir, load_model_weights
+from fromscratch.engine.metrics import read_csv
+from fromscratch.errors import UserError
+from fromscratch.transformer.data import load_corpora
+from fromscratch.transformer.model import TransformerConfig
+from fromscratch.transformer.tokenizer import BPETokenizer
+from fromscratch.transformer.train import TranslationTask, evaluate_bleu, load_translator, paper_train_config
+
+
+@pytest.fixture(scope="module")
+def corpora():
+    train, test = load_corpora(["demo:train"]), load_corpora(["demo:test"])
+    return train.select(range(400)), test.select(range(40))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpora):
+    train, _ = corpora
+    return BPETokenizer.train(train.src + train.tgt, vocab_size=400)
+
+
+def make_task(corpora, tokenizer, seed=0, batch_tokens=300, bleu_samples=8, **kw):
+    config = TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2,
+                                           d_ff=64, max_seq_len=64)
+    return TranslationTask(*corpora, tokenizer, config, batch_tokens=batch_tokens, seed=seed,
+                            bleu_samples=bleu_samples, **kw)
+
+
+def engine_config(out, **kw):
+    settings = dict(out_dir=str(out), max_steps=16, lr=1.0, warmup_steps=8, noam_d_model=32, eval_every=8,
+                    save_every=8, batch_size=1, device="cpu")
+    return paper_train_config(**{**settings, **kw})
+
+
+def test_global_batch_is_a_pure_function_of_the_step(corpora, tokenizer):
+    a, b = make_task(corpora, tokenizer), make_task(corpora, tokenizer)
+    for step in range(1, 40):  # a went through several epochs first
+        a.global_batch(step)
+    for step in (1, 7, 39):
+        for key in ("src", "tgt_in", "tgt_out"):
+            assert torch.equal(a.global_batch(step)[key], b.global_batch(step)[key])
+    assert not torch.equal(a.global_batch(7)["src"], a.global_batch(8)["src"]) or \
+        a.global_batch(7)["src"].shape != a.global_batch(8)["src"].shape
+    batch = a.global_batch(3)
+    assert batch["src"].numel() <= 300 and batch["tgt_in"].numel() <= 300
+    shifted = batch["tgt_in"][:, 1:] != 0  # the decoder input is the target shifted right
+    assert torch.equal(batch["tgt_in"][:, 1:][shifted], batch["tgt_out"][:, :-1][shifted])
+
+
+def test_model_initialisation_depends_on_seed_only(corpora, tokenizer):
+    torch.manual_seed(123)
+    a = make_task(corpora, tokenizer, seed=4)
+    state = torch.get_rng_state()
+    b = make_task(corpora, tokenizer, seed=4)
+    assert torch.equal(state, torch.get_rng_state())  # building a task leaves the global RNG alone
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_loss_is_label_smoothed_sum_over_target_tokens(corpora, tokenizer):
+    task = make_task(corpora, tokenizer)
+    batch = task.global_batch(1)
+    loss, n = task.loss(task.model.eval(), batch)
+    assert n == int((batch["tgt_out"] != 0).sum())
+    logits = task.model(batch["src"], batch["tgt_in"]).flatten(0, 1)
+    target = batch["tgt_out"].flatten()
+    real = target != 0
+    log_p = logits[real].log_softmax(-1)
+    nll = -log_p.gather(1, target[real, None]).sum()
+    uniform = -log_p.mean(dim=1).sum()  # ε spread over the whole vocabulary
+    torch.testing.assert_close(loss, 0.9 * nll + 0.1 * uniform, rtol=1e-5, atol=1e-4)
+    plain, _ = task.loss(task.model, batch, label_smoothing=0.0)
+    torch.testing.assert_close(plain / n, F.cross_entropy(logits[real], target[real]), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_is_deterministic_and_leaves_rng_alone(corpora, tokenizer):
+    task = make_task(corpora, tokenizer)
+    state = torch.get_rng_state()
+    first = task.evaluate(task.model.eval(), step=1)
+    assert torch.equal(state, torch.get_rng_state())
+    assert first == task.evaluate(task.model, step=1)
+    assert set(first) == {"val_loss", "val_nll", "val_ppl", "val_bleu", "val_chrf"}
+    assert math.isclose(first["val_ppl"], math.exp(first["val_nll"]), rel_tol=1e-5)
+    assert first["val_nll"] > 0.8 * math.log(tokenizer.vocab_size)  # untrained: near uniform
+
+
+def test_flops_per_token_counts_more_than_the_dense_layers(corpora, tokenizer):
+    task = make_task(corpora, tokenizer)
+    layers = sum(p.numel() for m in (task.model.encoder_layers, task.model.decoder_layers) for p in m.parameters())
+    assert 6 * layers < task.flops_per_token() < 6 * 4 * sum(p.numel() for p in task.model.parameters())
+
+
+def test_training_lowers_the_loss_and_resume_is_exact(corpora, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "_plot", lambda self: None)  # loss.png is the engine's business, and slow
+    # (No BLEU during these evaluations: greedy decoding of an untrained model is the slow part.)
+    straight = Trainer(make_task(corpora, tokenizer, bleu_samples=0), engine_config(tmp_path / "a")).fit()
+    rows = read_csv(tmp_path / "a" / "metrics.csv")
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    evals = read_csv(tmp_path / "a" / "eval.csv")
+    assert [e["step"] for e in evals] == [8, 16] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert straight["eval"]["val_loss"] == evals[1]["val_loss"]
+    for name in ("tokenizer.json", "translate_data.json", "model_config.json", "checkpoints.json", "run.json"):
+        assert (tmp_path / "a" / name).exists(), name
+
+    Trainer(make_task(corpora, tokenizer, bleu_samples=0), engine_config(tmp_path / "b", max_steps=8)).fit()
+    resumed_task = make_task(corpora, tokenizer, bleu_samples=0)
+    resumed_task.check_resume(tmp_path / "b")
+    Trainer(resumed_task, engine_config(tmp_path / "b", resume=True)).fit()
+    a = load_model_weights(checkpoint_dir(tmp_path / "a") / "model.safetensors")
+    b = load_model_weights(checkpoint_dir(tmp_path / "b") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    changed = make_task(corpora, tokenizer, batch_tokens=301, bleu_samples=0)
+    with pytest.raises(UserError, match="batch_tokens 300 → 301"):
+        changed.check_resume(tmp_path / "b")
+
+    model, tok, run_dir = load_translator(tmp_path / "a")
+    assert run_dir == tmp_path / "a" and tok.vocab_size == tokenizer.vocab_size
+    state, _, _ = load_run(tmp_path / "a", which="best")
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    single, _, _ = load_translator(checkpoint_dir(tmp_path / "a", "latest"))  # one checkpoint dir
+    assert torch.equal(single.src_embedding.weight, a["src_embedding.weight"])
+    with pytest.raises(UserError):
+        load_translator(tmp_path / "nothing")
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in model whose `generate` returns the reference translation of each source."""
+
+    def __init__(self, tokenizer, pairs):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = TransformerConfig(vocab_size=tokenizer.vocab_size, d_model=8, n_heads=2, max_seq_len=128)
+        self.tokenizer = tokenizer
+        self.answers = {tuple(tokenizer.encode(s)): tokenizer.encode(t) for s, t in pairs}
+
+    def generate(self, src, beam_size=1, length_penalty=0.6):
+        rows = [self.answers[tuple(i for i in row if i > 2)] + [2] for row in src.tolist()]
+        out = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row)
+        return out
+
+
+def test_bleu_is_computed_on_detokenised_text_in_order(corpora, tokenizer):
+    _, test = corpora
+    oracle = Oracle(tokenizer, zip(test.src, test.tgt))
+    result = evaluate_bleu(oracle, tokenizer, test.src, test.tgt, beam_size=1, batch_size=7)
+    assert result["hypotheses"] == test.tgt  # exact text, original order despite length sorting
+    assert result["bleu"] == pytest.approx(100.0) and result["chrf"] == pytest.approx(100.0)
+    shuffled = evaluate_bleu(oracle, tokenizer, test.src, test.tgt[1:] + test.tgt[:1], beam_size=1)
+    assert shuffled["bleu"] < 30
+    with pytest.raises(UserError, match="references"):
+        evaluate_bleu(oracle, tokenizer, test.src, test.tgt[:-1])
+
+
+@pytest.mark.slow
+def test_train_demo_smoke(tmp_path, monkeypatch):
+    """`fromscratch demo`'s translation part runs end to end (the full 500 steps are measured by the
+    demo itself; here a few steps only)."""
+    from fromscratch.transformer.train import train_demo
+
+    monkeypatch.setattr(Trainer, "_plot", lambda self: None)
+    result = train_demo(tmp_path / "demo", max_steps=20, quiet=True, device="cpu", n_examples=3)
+    assert result["steps"] == 20 and result["test_pairs"] == 275
+    assert 0 <= result["bleu"] <= 100 and 0 <= result["chrf"] <= 100
+    assert [set(e) for e in result["examples"]] == [{"source", "reference", "translation"}] * 3
+    assert (tmp_path / "demo" / "tokenizer.json").exists()
