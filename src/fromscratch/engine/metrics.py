@@ -1,6 +1,7 @@
 """Metrics to CSV (and TensorBoard when installed), throughput and model FLOPs utilisation."""
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -53,11 +54,14 @@ class CSVLog:
             return
         with open(self.path) as f:
             rows = list(csv.DictReader(f))
-        kept = [r for r in rows if int(float(r["step"])) <= step]
-        with open(self.path, "w", newline="") as f:
+        # A row cut short by a kill has missing fields: drop it with the rows past `step`.
+        kept = [r for r in rows if None not in r.values() and int(float(r["step"])) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(kept)
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         new = self.columns is None

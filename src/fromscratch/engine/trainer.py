@@ -23,6 +23,7 @@ whatever P and A are (DDP averages gradients over processes, hence the extra fac
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
 import fromscratch
@@ -105,6 +105,7 @@ class Trainer:
             raise UserError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N")
         self._check_run_dir()
         self._stop_signal: int | None = None
+        self._last_plot = -math.inf
 
     # --- run directory ---------------------------------------------------------------------
 
@@ -186,6 +187,8 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------
 
     def _save(self, step, tokens_seen, best, is_best, model, optimizer, scaler) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)  # collective
         if self.dist.is_main:
@@ -208,10 +211,13 @@ class Trainer:
             ckpt.seal_checkpoint(
                 self.run_dir, step, tmp, model_state, optim_tensors, trainer_state, is_best, self.config.keep_last
             )
-            self._plot()
+            if time.perf_counter() - self._last_plot > 60:  # drawing takes a second or so
+                self._plot()
         barrier(self.dist)
 
     def _load(self, model, optimizer, scaler) -> tuple[int, int, dict | None]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         directory = ckpt.checkpoint_dir(self.run_dir, "latest")
         state = json.loads((directory / "trainer_state.json").read_text())
         model_state = ckpt.load_model_weights(directory / ckpt.MODEL_FILE)
@@ -243,6 +249,7 @@ class Trainer:
             plot_runs([self.run_dir], self.run_dir / "loss.png")
         except ImportError:  # matplotlib is optional
             pass
+        self._last_plot = time.perf_counter()
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -293,7 +300,8 @@ class Trainer:
         flops_per_token = getattr(self.task, "flops_per_token", lambda: None)()
         peak = device_peak_flops(self.device, cfg.peak_flops)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = tqdm(total=cfg.max_steps, initial=step0, disable=not info.is_main, desc="train", dynamic_ncols=True)
+        quiet = not info.is_main or bool(os.environ.get("TQDM_DISABLE"))
+        progress = tqdm(total=cfg.max_steps, initial=step0, disable=quiet, desc="train", dynamic_ncols=True)
         is_ddp = info.enabled and not cfg.fsdp
         chunks = info.world_size * cfg.grad_accum
         last, evals, step = {}, {}, step0
@@ -384,6 +392,8 @@ class Trainer:
                     break
         finally:
             progress.close()
+            if info.is_main and step > step0:
+                self._plot()
             for s, handler in old_handlers.items():
                 signal.signal(s, handler)
             if board:
