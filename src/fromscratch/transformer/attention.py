@@ -6,7 +6,7 @@ This one function serves every model in the package (the Transformer's self- and
 cross-attention, Llama's grouped-query attention). It has two paths that compute the same
 thing: the explicit maths, which is what the README teaches, and PyTorch's fused
 `scaled_dot_product_attention`, which is faster (flash / memory-efficient kernels on GPU).
-`tests/transformer/test_attention.py` proves they agree.
+`tests/transformer/test_transformer_attention.py` proves they agree.
 """
 
 import math

