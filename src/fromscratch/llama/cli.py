@@ -1,0 +1,148 @@
+"""`fromscratch llama train|generate|convert`.
+
+    fromscratch llama train --data FILE [FILE ...] --out DIR [--preset tiny] [--resume] ...
+    fromscratch llama generate --checkpoint PATH --prompt TEXT [--temperature 0] ...
+    fromscratch llama convert --checkpoint PATH --out DIR
+
+`--checkpoint` is any format `Llama.from_pretrained` reads: a Hugging Face or Meta directory,
+a llama2.c `.bin`, or a `fromscratch llama train` run directory (its latest checkpoint).
+"""
+
+import sys
+from pathlib import Path
+
+from fromscratch.engine import add_train_arguments
+from fromscratch.errors import UserError
+
+
+def add_llama_commands(commands) -> None:
+    from fromscratch.llama.train import DEFAULTS
+
+    llama = commands.add_parser("llama", help="Llama 2: train, generate, convert checkpoints")
+    verbs = llama.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser("train", help="train a Llama from scratch on text files")
+    train.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                       help="UTF-8 text files, or hf:NAME[:SPLIT[:FIELD]] for a hub dataset")
+    train.add_argument("--preset", default="tiny", help="model size (tiny, small, stories15m, 7b, ...)")
+    train.add_argument("--tokenizer", help="a SentencePiece .model or tokenizer.json (default: train one)")
+    train.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained when none is given")
+    train.add_argument("--seq-len", type=int, default=None, help="training context length (default: min(preset, 256))")
+    add_train_arguments(train, DEFAULTS)
+    train.set_defaults(func=train_command)
+
+    generate = verbs.add_parser(
+        "generate", help="continue a prompt with any checkpoint, printing as it goes",
+        description="Continue --prompt with any checkpoint, printing each token as it is produced. "
+                    "Stops after --max-new-tokens, at the end of the model's context, at EOS, or at BOS "
+                    "(which starts the next document in text tokenized as `llama train` does).",
+    )
+    generate.add_argument("--checkpoint", required=True, metavar="PATH",
+                          help="Hugging Face or Meta directory, llama2.c .bin, or a training run directory")
+    generate.add_argument("--tokenizer", metavar="PATH", help="default: the tokenizer found next to the checkpoint")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    generate.set_defaults(func=generate_command)
+
+    convert = verbs.add_parser("convert", help="write any supported checkpoint as a Hugging Face directory")
+    convert.add_argument("--checkpoint", required=True, metavar="PATH")
+    convert.add_argument("--out", required=True, metavar="DIR")
+    convert.add_argument("--tokenizer", metavar="PATH",
+                         help="copied into DIR (default: the one next to the checkpoint)")
+    convert.set_defaults(func=convert_command)
+
+
+def train_command(args) -> None:
+    from fromscratch.llama.train import train_command as train
+
+    train(args)
+
+
+class _EndOfText(Exception):
+    """Raised from the streaming callback to stop decoding at a BOS token."""
+
+
+def generate_command(args) -> None:
+    """Print the prompt and its continuation token by token.
+
+    Decoding stops at EOS, and also at BOS: in text tokenized the way `llama train` (and
+    llama2.c) does it, a BOS starts the next document, so what follows is unrelated to the prompt.
+    """
+    import torch
+
+    from fromscratch.llama.checkpoints import find_tokenizer
+    from fromscratch.llama.model import Llama
+    from fromscratch.llama.tokenizer import Tokenizer
+
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file or directory")
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(args.checkpoint)
+    if tokenizer_path is None:
+        raise UserError(f"no tokenizer.model or tokenizer.json next to {args.checkpoint}; pass --tokenizer PATH")
+    tokenizer = Tokenizer(tokenizer_path)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available here")
+    model = Llama.from_pretrained(args.checkpoint).to(device).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}: they do not belong together; pass the model's own --tokenizer"
+        )
+    prompt = tokenizer.encode(args.prompt, bos=tokenizer.bos_id is not None)
+    context = model.config.max_seq_len
+    if len(prompt) >= context:
+        how = "longer than" if len(prompt) > context else "as long as"
+        raise UserError(
+            f"--prompt is {len(prompt)} tokens long, {how} the model's whole context of {context} "
+            "tokens (max_seq_len), which leaves no room to generate; shorten it"
+        )
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens > context - len(prompt):
+        max_new_tokens = context - len(prompt)
+        print(f"note: generating at most {max_new_tokens} tokens, where the model's context of "
+              f"{context} tokens ends", file=sys.stderr)
+
+    ids, shown = list(prompt), ""
+    stops = {tokenizer.bos_id, tokenizer.eos_id} - {None}
+
+    def show(final: bool = False) -> None:
+        # Decoding token by token would lose SentencePiece's spaces and split multi-byte
+        # characters: decode the whole text and print what is new, holding back a trailing
+        # incomplete character (U+FFFD) until its remaining bytes arrive.
+        nonlocal shown
+        text = tokenizer.decode(ids)
+        if text.startswith(shown) and (final or not text.endswith("\ufffd")):
+            sys.stdout.write(text[len(shown):] + ("\n" if final else ""))
+            sys.stdout.flush()
+            shown = text
+        elif final:
+            sys.stdout.write("\n")
+
+    def stream(new_ids):  # called by generate after every step, one id per row (one row here)
+        token = new_ids[0]
+        if token is None or token in stops:
+            raise _EndOfText
+        ids.append(token)
+        show()
+
+    try:  # the first call of stream() prints the prompt (as the tokenizer reads it back) too
+        model.generate([prompt], max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, stream=stream)
+    except _EndOfText:
+        pass
+    show(final=True)
+
+
+def convert_command(args) -> None:
+    from fromscratch.llama.checkpoints import convert
+
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise UserError(f"--tokenizer {args.tokenizer}: no such file")
+    out = convert(args.checkpoint, args.out, tokenizer_path=args.tokenizer)
+    print(f"wrote a Hugging Face checkpoint to {out}")
