@@ -62,3 +62,34 @@ def kill_at_random_after_first_checkpoint(command: list[str], run_dir: Path, env
             f"the run finished (exit {code}) before it could be killed; make it longer\n{process_output(process)}"
         )
     return target
+
+
+def kill_resume_and_compare_logs(command, straight: Path, killed: Path, max_steps: int, steps: tuple[int, int]) -> int:
+    """The damage test of every `train` command, up to comparing weights (which the caller does).
+
+    `command(out_dir, *extra)` builds the command line. One run goes uninterrupted beside another
+    that is SIGKILLed at a random step in `steps`, then resumed with --resume to `max_steps`. Checks
+    that both logged the same steps with the same losses and evaluations; returns the step the
+    killed run resumed from.
+    """
+    import os
+
+    from fromscratch.engine.checkpoint import read_index
+    from fromscratch.engine.metrics import read_csv
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    with open(straight.parent / f"{straight.name}.log", "wb") as log:
+        uninterrupted = subprocess.Popen(command(straight), env=env, stdout=log, stderr=subprocess.STDOUT)
+        seed = random.SystemRandom().randrange(2**32)
+        kill_at_random_after_first_checkpoint(command(killed), killed, env, seed, steps=steps)
+        assert uninterrupted.wait() == 0, Path(log.name).read_text()
+    resumed_from = int(read_index(killed)["latest"].removeprefix("step-"))
+    assert 0 < resumed_from < max_steps, f"seed {seed}: the kill did not land between checkpoints"
+    resume = subprocess.run(command(killed, "--resume"), env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert resume.returncode == 0, resume.stderr
+    columns = ("step", "loss", "grad_norm", "lr", "tokens")
+    logged = {run: [tuple(r[c] for c in columns) for r in read_csv(run / "metrics.csv")] for run in (straight, killed)}
+    assert [int(step) for step, *_ in logged[killed]] == list(range(1, max_steps + 1))  # none lost or doubled
+    assert logged[straight] == logged[killed]
+    assert read_csv(straight / "eval.csv") == read_csv(killed / "eval.csv")
+    return resumed_from

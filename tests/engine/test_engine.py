@@ -192,3 +192,23 @@ def test_time_budget_stops_and_saves(tmp_path):
 def test_compiled_model_trains(tmp_path):
     result = Trainer(ToyTask(), config(tmp_path / "run", compile=True, max_steps=20)).fit()
     assert result["eval"]["val_loss"] < math.log(32)
+
+
+def test_mfu_is_logged_from_the_peak_flops(tmp_path):
+    task = ToyTask()
+    Trainer(task, config(tmp_path / "run", max_steps=5, peak_flops=1e9)).fit()
+    for row in read_csv(tmp_path / "run" / "metrics.csv"):
+        assert row["mfu"] == pytest.approx(task.flops_per_token() * row["tokens_per_sec"] / 1e9)
+    Trainer(ToyTask(), config(tmp_path / "cpu", max_steps=2)).fit()  # no peak known on a CPU
+    assert all(math.isnan(r["mfu"]) for r in read_csv(tmp_path / "cpu" / "metrics.csv"))
+
+
+def test_plot_command_overlays_runs(tmp_path, capsys):
+    from fromscratch.cli import main
+
+    Trainer(ToyTask(), config(tmp_path / "a", max_steps=5)).fit()
+    Trainer(ToyTask(seed=1), config(tmp_path / "b", max_steps=5)).fit()
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "runs.png")]) == 0
+    assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "not a run directory" in capsys.readouterr().err

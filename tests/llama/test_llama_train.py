@@ -11,19 +11,15 @@ import csv
 import io
 import json
 import math
-import os
-import random
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import kill_at_random_after_first_checkpoint
+from helpers import kill_resume_and_compare_logs
 
 from fromscratch.cli import main
-from fromscratch.engine.checkpoint import read_index
 from fromscratch.errors import UserError
 from fromscratch.llama.checkpoints import export_llama2c
 from fromscratch.llama.data import prepare_token_files, texts_from_dataset
@@ -157,29 +153,11 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(shakespeare
                 "--tokenizer", str(tokenizer_file), "--out", str(out), *SMALL, "--batch-size", "8",
                 "--max-steps", "60", "--save-every", "10", "--eval-every", "30", "--seed", "5", *extra]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
     # The uninterrupted run goes on beside the one that is killed (two cores, half the wall time).
-    with open(tmp_path / "straight.log", "wb") as log:
-        uninterrupted = subprocess.Popen(command(straight), env=env, stdout=log, stderr=subprocess.STDOUT)
-        seed = random.SystemRandom().randrange(2**32)
-        kill_at_random_after_first_checkpoint(command(killed), killed, env, seed, steps=(11, 55))
-        assert uninterrupted.wait() == 0, (tmp_path / "straight.log").read_text()
-    resumed_from = int(read_index(killed)["latest"].removeprefix("step-"))
-    assert 10 <= resumed_from < 60, seed  # the kill landed before the end
-    resume = subprocess.run(command(killed, "--resume"), env=env, capture_output=True, text=True)
-    assert resume.returncode == 0, resume.stderr
-
+    kill_resume_and_compare_logs(command, straight, killed, max_steps=60, steps=(11, 55))
     a, b = Llama.from_pretrained(straight).state_dict(), Llama.from_pretrained(killed).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    columns = ("step", "loss", "grad_norm", "lr", "tokens")
-    logged = {run: [tuple(r[c] for c in columns) for r in read_csv(run / "metrics.csv")] for run in (straight, killed)}
-    assert [int(step) for step, *_ in logged[killed]] == list(range(1, 61))  # no step lost or doubled
-    after = [row for row in logged[straight] if int(row[0]) > resumed_from]
-    assert after and after == [row for row in logged[killed] if int(row[0]) > resumed_from]
-    assert logged[straight] == logged[killed]
-    assert read_csv(straight / "eval.csv") == read_csv(killed / "eval.csv")
 
 
 # --- 3. bad arguments fail at once, with status 2 and one line, having done nothing ----------------

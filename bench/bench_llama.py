@@ -1,0 +1,226 @@
+"""Llama 2 speed against Hugging Face transformers on this CPU, float32, same weights.
+
+    python bench/bench_llama.py [--quick] [--threads 2] [--out bench/results/llama.json]
+
+1. Decoding with a KV cache: batch 1, 200 new tokens (greedy, no EOS), stories15m shape:
+   our tokens/s against `LlamaForCausalLM.generate`, and whether both produce the same tokens.
+2. Training: one step (forward, backward, AdamW) on an 8×256 batch, stories15m shape:
+   tokens/s against Hugging Face computing its own loss from labels.
+3. Our KV cache against recomputing the whole prefix (use_cache=False) at 200 new tokens:
+   speed, and peak memory of each: the peak rise of the resident set size (RSS, sampled from
+   /proc/self/statm) during one generation in a fresh process, beside the cache's own size.
+
+Random weights are enough: the work per token does not depend on their values. Each timing is
+the best of several interleaved repeats (the machine may be shared); the median is kept too.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fromscratch.llama.checkpoints import config_to_hf, meta_key_to_hf, meta_to_hf_permute
+from fromscratch.llama.model import Llama, LlamaConfig
+
+PROMPT = [1, 9038, 2501, 263, 931]  # "<s> Once upon a time" in Llama 2's tokenizer
+
+
+def huggingface_copy(model: Llama):
+    """transformers' LlamaForCausalLM holding `model`'s weights (q/k rows permuted to its RoPE)."""
+    import transformers
+
+    config = model.config
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(config)))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("attention.wq.weight"):
+            tensor = meta_to_hf_permute(tensor, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = meta_to_hf_permute(tensor, config.kv_heads)
+        state[meta_key_to_hf(name)] = tensor
+    hf.load_state_dict(state, strict=False)  # a tied lm_head is the embedding
+    hf.generation_config.eos_token_id = None  # never stop early
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rates(work: float, times: list[float]) -> dict:
+    return {"best": round(work / min(times), 1), "median": round(work / statistics.median(times), 1)}
+
+
+def bench_decode(model, hf, new_tokens: int, repeats: int) -> dict:
+    prompt = torch.tensor([PROMPT])
+    ours = lambda: model.generate(prompt, new_tokens, temperature=0)  # noqa: E731
+    theirs = lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
+                                 do_sample=False)
+    with torch.inference_mode():
+        same = torch.equal(ours(), theirs())  # also the warm-up
+        ours_t, theirs_t = [], []
+        for _ in range(repeats):
+            ours_t += timed(ours, 1)
+            theirs_t += timed(theirs, 1)
+    ours_rate, theirs_rate = rates(new_tokens, ours_t), rates(new_tokens, theirs_t)
+    return {
+        "new_tokens": new_tokens, "batch_size": 1, "identical_tokens": same,
+        "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate,
+        "speedup_best": round(ours_rate["best"] / theirs_rate["best"], 2),
+        "speedup_median": round(ours_rate["median"] / theirs_rate["median"], 2),
+    }
+
+
+def bench_train(model, hf, batch_size: int, seq_len: int, repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1), generator=generator)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    ours_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    model.train()
+    hf.train()
+
+    def ours():
+        loss = model.loss(inputs, targets)
+        ours_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ours_opt.step()
+
+    def theirs():  # HF shifts labels itself, so it gets the T inputs as labels
+        loss = hf(input_ids=inputs, labels=inputs).loss
+        hf_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        hf_opt.step()
+
+    ours(), theirs()  # warm-up (AdamW allocates its state)
+    ours_t, theirs_t = [], []
+    for _ in range(repeats):
+        ours_t += timed(ours, 1)
+        theirs_t += timed(theirs, 1)
+    tokens = batch_size * seq_len
+    ours_rate, theirs_rate = rates(tokens, ours_t), rates(tokens, theirs_t)
+    return {
+        "batch": [batch_size, seq_len], "optimizer": "torch.optim.AdamW (default foreach)",
+        "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate,
+        "speedup_best": round(ours_rate["best"] / theirs_rate["best"], 2),
+        "speedup_median": round(ours_rate["median"] / theirs_rate["median"], 2),
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_probe(use_cache: bool, new_tokens: int, threads: int) -> dict:
+    """Run in a fresh process: the peak rise of resident memory during one generation, sampled
+    every 0.2 ms from /proc/self/statm, above the resident memory just before it."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("stories15m")).eval()
+    prompt = torch.tensor([PROMPT])
+    model.generate(prompt, 2, temperature=0, use_cache=use_cache)  # thread pools, first-call buffers
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the baseline is what is live
+    baseline, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+    done.set()
+    sampler.join()
+    cache_bytes = model.new_cache(1, len(PROMPT) + new_tokens).nbytes if use_cache else 0
+    return {"peak_rss_rise_mib": round((max(peak[0], baseline) - baseline) / 2**20, 2),
+            "kv_cache_mib": round(cache_bytes / 2**20, 2)}
+
+
+def bench_kv_cache(model, new_tokens: int, repeats: int, threads: int) -> dict:
+    prompt = torch.tensor([PROMPT])
+    cached = lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=True)  # noqa: E731
+    uncached = lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=False)  # noqa: E731
+    assert torch.equal(cached(), uncached())
+    cached_t, uncached_t = [], []
+    for _ in range(repeats):
+        cached_t += timed(cached, 1)
+        uncached_t += timed(uncached, 1)
+    memory = {}
+    for name in ("cached", "uncached"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-probe", name, "--new-tokens", str(new_tokens),
+             "--threads", str(threads)], capture_output=True, text=True, check=True)
+        memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    cached_rate, uncached_rate = rates(new_tokens, cached_t), rates(new_tokens, uncached_t)
+    return {
+        "new_tokens": new_tokens, "cached_tokens_per_s": cached_rate, "uncached_tokens_per_s": uncached_rate,
+        "speedup_best": round(cached_rate["best"] / uncached_rate["best"], 2),
+        "memory": memory,
+        "memory_method": "peak rise of resident set size (/proc/self/statm, sampled every 0.2 ms) "
+                         "during one generation, in a fresh process, above the RSS just before it",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens, a smaller batch, one repeat")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "llama.json"))
+    parser.add_argument("--memory-probe", choices=["cached", "uncached"], help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe == "cached", args.new_tokens, args.threads)))
+        return
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    new_tokens, (batch_size, seq_len), repeats = (50, (2, 64), 1) if args.quick else (200, (8, 256), 5)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("stories15m")).eval()
+    hf = huggingface_copy(model).eval()
+    results = {
+        "environment": {
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": args.threads, "dtype": "float32", "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "model": "stories15m shape (d_model 288, 6 layers, 6 heads, vocab 32000), random weights",
+            "quick": args.quick,
+        }
+    }
+    print(f"decoding {new_tokens} tokens ...", file=sys.stderr)
+    results["decode"] = bench_decode(model, hf, new_tokens, repeats)
+    print(f"training on {batch_size}×{seq_len} ...", file=sys.stderr)
+    results["train"] = bench_train(model, hf, batch_size, seq_len, max(1, repeats - 2))
+    model.eval()
+    print("KV cache against recomputation ...", file=sys.stderr)
+    results["kv_cache"] = bench_kv_cache(model, new_tokens, max(1, repeats - 2), args.threads)
+    results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
