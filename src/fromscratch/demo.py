@@ -36,8 +36,8 @@ def llama_demo(out: Path) -> None:
     english = DATA_DIR / f"{NAME}.en"
     args = build_parser().parse_args([
         "llama", "train", "--data", str(english), "--out", str(out), "--preset", "tiny", "--vocab-size", "512",
-        "--seq-len", "64", "--batch-size", "16", "--max-steps", "300", "--lr", "3e-3", "--warmup-steps", "30",
-        "--eval-every", "150", "--save-every", "300", "--seed", "0",
+        "--seq-len", "64", "--batch-size", "16", "--max-steps", "1000", "--lr", "3e-3", "--warmup-steps", "50",
+        "--eval-every", "500", "--save-every", "1000", "--seed", "0",
     ])
     result = train_command(args)
     print(f"validation perplexity {result['eval']['val_ppl']:.1f} after {result['step']} steps")
