@@ -338,3 +338,11 @@ def test_figures_are_written(tmp_path):
     assert cache_bytes == KVCache(config, 3, 100).nbytes
     # 7B in fp16 at 4k context: 2 · 32 layers · 32 heads · 128 · 4096 · 2 bytes = 2 GiB.
     assert kv_cache_bytes(PRESETS["7b"], seq_len=4096) == 2 * 1024**3
+
+
+def test_forward_with_targets_returns_the_summed_cross_entropy():
+    model = Llama(LlamaConfig.from_preset("tiny"))
+    ids = torch.randint(0, 512, (2, 12))
+    targets = torch.randint(0, 512, (2, 12))
+    expected = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), reduction="sum")
+    torch.testing.assert_close(model(ids, targets=targets, reduction="sum"), expected, rtol=1e-5, atol=1e-4)

@@ -297,14 +297,19 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                pad_lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """Next-token logits: (B, T) token ids → (B, T, vocab_size) float32.
 
         cache: decode incrementally: input_ids are the positions after the `cache.length` already
             cached; they are appended to it.
         pad_lengths: (B,) number of left-padding tokens at the start of each row (ragged batch);
             they are masked out of attention and each row's positions start after its padding.
+        targets: (B, T) next tokens; then the cross-entropy is returned instead of the logits
+            (see `loss`). Training calls it this way because DDP and FSDP only see forward().
         """
+        if targets is not None:
+            return self.loss(input_ids, targets, reduction=reduction)
         return self.output(self.hidden_states(input_ids, cache, pad_lengths)).float()
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fromscratch.engine import TrainConfig, Trainer, seed_everything, train_config_from_args
 from fromscratch.engine.checkpoint import read_index, write_json
@@ -74,8 +73,8 @@ class LanguageModelTask:
         return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}  # (B, T) each
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
-        logits = model(batch["inputs"])  # (B, T, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="sum")
+        # Summed cross-entropy without materialising the (B, T, vocab) logits (Llama.loss).
+        loss = model(batch["inputs"], targets=batch["targets"], reduction="sum")
         return loss, batch["targets"].numel()
 
     @torch.no_grad()
