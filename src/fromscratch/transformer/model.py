@@ -288,7 +288,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform weight matrices (as PyTorch's nn.Transformer does) and zero biases, then
+        """Xavier-uniform weight matrices (as PyTorch's own Transformer module does) and zero biases, then
         embeddings ~ N(0, 1/d_model): × √d_model gives unit variance, and the tied output
         projection starts with logits of about unit variance too."""
         for module in self.modules():
