@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fromscratch.errors import UserError
+from fromscratch.llama import decode
 from fromscratch.llama.generate import generate, sample_next_token, top_k_filter, top_p_filter
 from fromscratch.llama.model import Llama, LlamaConfig
 
@@ -19,13 +20,22 @@ def model():
     return model
 
 
+@pytest.fixture(params=["packed", "forward"])
+def decoding(request, monkeypatch):
+    """Run a test through both ways of decoding after the prompt: the packed one-token step
+    (decode.py, used for small models on a CPU) and Llama.forward with the cache (the rest)."""
+    if request.param == "forward":
+        monkeypatch.setattr(decode, "PACK_MAX_BYTES", -1)
+    return request.param
+
+
 def _prompts(vocab_size: int, lengths=(3, 11, 7)) -> list[list[int]]:
     generator = torch.Generator().manual_seed(1)
     return [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=20, seed=3)])
-def test_cached_and_uncached_generation_agree(model, sampling):
+def test_cached_and_uncached_generation_agree(model, sampling, decoding):
     prompt = torch.tensor(_prompts(model.config.vocab_size, lengths=(6, 6)))
     cached = generate(model, prompt, 30, use_cache=True, **sampling)
     uncached = generate(model, prompt, 30, use_cache=False, **sampling)
@@ -35,7 +45,7 @@ def test_cached_and_uncached_generation_agree(model, sampling):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_ragged_batch_equals_each_row_alone(model, use_cache):
+def test_ragged_batch_equals_each_row_alone(model, use_cache, decoding):
     prompts = _prompts(model.config.vocab_size)
     batched = model.generate(prompts, 25, temperature=0, use_cache=use_cache)
     alone = [model.generate(row, 25, temperature=0, use_cache=use_cache) for row in prompts]
@@ -45,7 +55,7 @@ def test_ragged_batch_equals_each_row_alone(model, use_cache):
     assert len({tuple(row[len(p):]) for row, p in zip(batched, prompts)}) == 3  # rows differ
 
 
-def test_eos_stops_each_row(model):
+def test_eos_stops_each_row(model, decoding):
     prompts = _prompts(model.config.vocab_size)
     free = model.generate(prompts, 20, temperature=0)
     eos_id = free[1][len(prompts[1]) + 4]  # row 1 produces it as its 5th new token

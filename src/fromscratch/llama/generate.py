@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fromscratch.errors import UserError
+from fromscratch.llama.decode import PackedLlama
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -125,16 +126,17 @@ def generate(
     tokens[:, :prompt_len] = prompt
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     cache = model.new_cache(batch_size, prompt_len + max_new_tokens) if use_cache else None
-    # One token at a time, the classifier product h·Wᵀ (W: vocab × d_model, the largest matrix)
-    # is limited by reading W from memory, and CPU BLAS reads a contiguous Wᵀ ~3× faster than W
-    # itself: so decoding uses that copy, made once per call. (GPUs read either equally fast.)
-    weight = model.output.weight
-    classifier = weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
+    # On a CPU, steps after the prompt run on a copy of the weights laid out for one token at a
+    # time (decode.py: ~2× faster, as memory-bound as the hardware allows); elsewhere, or when
+    # the copy would be too large, they run Llama.forward with the cache.
+    packed = PackedLlama.of(model) if use_cache and PackedLlama.suits(model) else None
 
     def next_token_logits(new_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) tokens after those in the cache (all of them without one) → (B, vocab) logits."""
+        if packed is not None and cache.length > 0:
+            return packed.step(new_tokens[:, -1], cache, pad_lengths)
         h = model.hidden_states(new_tokens, cache=cache, pad_lengths=pad_lengths)[:, -1]
-        return (h @ classifier).float()
+        return packed.logits(h) if packed is not None else model.output(h).float()
 
     was_training = model.training
     model.eval()  # no dropout while decoding

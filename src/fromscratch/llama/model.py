@@ -315,27 +315,8 @@ class Llama(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Everything but the classifier: (B, T) token ids → (B, T, d_model), after the final norm."""
-        b, t = input_ids.shape
-        start = 0 if cache is None else cache.length
-        if start + t > self.config.max_seq_len:
-            raise UserError(
-                f"sequence of {start + t} tokens is longer than max_seq_len {self.config.max_seq_len}"
-            )
-        if cache is not None and start + t > cache.max_len:
-            raise UserError(f"sequence of {start + t} tokens overflows a KV cache of {cache.max_len}")
-        if self.rope_rotations.device != input_ids.device:
-            with torch.inference_mode(False):  # a normal tensor even if first moved while decoding
-                self.rope_rotations = self.rope_rotations.to(input_ids.device)
-        if pad_lengths is None:
-            rotations, mask = self.rope_rotations[start:start + t], None
-        else:
-            # Each row counts positions from its first real token. (RoPE scores depend only on
-            # m − n, so this changes rounding, not maths: the row then matches its unpadded run.)
-            positions = torch.arange(start, start + t, device=input_ids.device) - pad_lengths[:, None]
-            rotations = self.rope_rotations[positions.clamp(min=0)]  # (B, T, head_dim/2)
-            is_token = torch.arange(start + t, device=input_ids.device) >= pad_lengths[:, None]
-            mask = is_token[:, None, None, :]  # (B, 1, 1, T_k): no query attends to padding
-
+        t = input_ids.size(1)
+        rotations, mask = self.rotations_and_mask(t, cache, pad_lengths, input_ids.device)
         h = self.tok_embeddings(input_ids)  # (B, T, d_model)
         h = F.dropout(h, self.config.dropout, self.training)
         for layer in self.layers:
@@ -343,6 +324,30 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += t
         return self.norm(h)
+
+    def rotations_and_mask(self, t: int, cache: KVCache | None, pad_lengths: torch.Tensor | None,
+                           device: torch.device):
+        """The RoPE rotations of the next `t` positions (after those in `cache`) and the key
+        padding mask: (T, head_dim/2) and None, or per row (B, T, head_dim/2) and (B, 1, 1, T_k).
+        Raises UserError when the positions do not fit in max_seq_len or in the cache."""
+        start = 0 if cache is None else cache.length
+        if start + t > self.config.max_seq_len:
+            raise UserError(
+                f"sequence of {start + t} tokens is longer than max_seq_len {self.config.max_seq_len}"
+            )
+        if cache is not None and start + t > cache.max_len:
+            raise UserError(f"sequence of {start + t} tokens overflows a KV cache of {cache.max_len}")
+        if self.rope_rotations.device != device:
+            with torch.inference_mode(False):  # a normal tensor even if first moved while decoding
+                self.rope_rotations = self.rope_rotations.to(device)
+        if pad_lengths is None:
+            return self.rope_rotations[start:start + t], None
+        # Each row counts positions from its first real token. (RoPE scores depend only on
+        # m − n, so this changes rounding, not maths: the row then matches its unpadded run.)
+        positions = torch.arange(start, start + t, device=device) - pad_lengths[:, None]
+        rotations = self.rope_rotations[positions.clamp(min=0)]  # (B, T, head_dim/2)
+        is_token = torch.arange(start + t, device=device) >= pad_lengths[:, None]
+        return rotations, is_token[:, None, None, :]  # mask (B, 1, 1, T_k): nothing attends to padding
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              reduction: str = "mean") -> torch.Tensor:
