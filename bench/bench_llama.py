@@ -9,6 +9,8 @@
 3. Our KV cache against recomputing the whole prefix (use_cache=False) at 200 new tokens:
    speed, and peak memory of each: the peak rise of the resident set size (RSS, sampled from
    /proc/self/statm) during one generation in a fresh process, beside the cache's own size.
+4. The matrix products of one training step, MKL (PyTorch's default on a CPU) against oneDNN
+   (`fromscratch.gemm`): GFLOP/s of y = x·Wᵀ, ∂x = g·W and ∂W = gᵀ·x at the step's shapes.
 
 Random weights are enough: the work per token does not depend on their values. Each timing is
 the best of several interleaved repeats (the machine may be shared); the median is kept too.
@@ -178,6 +180,36 @@ def bench_kv_cache(model, new_tokens: int, repeats: int, threads: int) -> dict:
     }
 
 
+def bench_gemm(model, tokens: int, repeats: int) -> dict:
+    from fromscratch.gemm import onednn_linear
+
+    config = model.config
+    shapes = {  # (in, out) of each product in a step: the layers' matrices, and a chunk of the classifier
+        "wq/wo (288→288)": (tokens, config.d_model, config.d_model),
+        "w1/w3 (288→768)": (tokens, config.d_model, config.hidden_dim),
+        "w2 (768→288)": (tokens, config.hidden_dim, config.d_model),
+        "classifier chunk (256 rows, 288→32000)": (256, config.d_model, config.vocab_size),
+    }
+    results = {}
+    for name, (rows, d_in, d_out) in shapes.items():
+        x, weight, g = torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(rows, d_out)
+        products = {
+            "forward x·Wᵀ": (lambda: x @ weight.t(), lambda: onednn_linear(x, weight)),
+            "input grad g·W": (lambda: g @ weight, lambda: onednn_linear(g, weight.t())),
+            "weight grad gᵀ·x": (lambda: g.t() @ x, lambda: onednn_linear(g.t(), x.t())),
+        }
+        flops = 2 * rows * d_in * d_out
+        for product, (mkl, onednn) in products.items():
+            mkl(), onednn()
+            mkl_t, onednn_t = [], []
+            for _ in range(repeats):
+                mkl_t += timed(mkl, 1)
+                onednn_t += timed(onednn, 1)
+            results[f"{name}: {product}"] = {
+                "mkl_gflops": round(flops / min(mkl_t) / 1e9), "onednn_gflops": round(flops / min(onednn_t) / 1e9)}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens, a smaller batch, one repeat")
@@ -210,16 +242,18 @@ def main() -> None:
     print(f"decoding {new_tokens} tokens ...", file=sys.stderr)
     results["decode"] = bench_decode(model, hf, new_tokens, repeats)
     print(f"training on {batch_size}×{seq_len} ...", file=sys.stderr)
-    results["train"] = bench_train(model, hf, batch_size, seq_len, max(1, repeats - 2))
+    results["train"] = bench_train(model, hf, batch_size, seq_len, repeats + 1)
     model.eval()
     print("KV cache against recomputation ...", file=sys.stderr)
     results["kv_cache"] = bench_kv_cache(model, new_tokens, max(1, repeats - 2), args.threads)
+    print("matrix products: MKL against oneDNN ...", file=sys.stderr)
+    results["gemm"] = bench_gemm(model, batch_size * seq_len, repeats)
     results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(results, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromscratch.errors import UserError
+from fromscratch.gemm import Linear, matmul_transposed
 from fromscratch.transformer.attention import scaled_dot_product_attention
 
 
@@ -216,10 +217,10 @@ class Attention(nn.Module):
         self.layer_index = layer_index  # which slot of a KVCache is ours
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.dropout, self.use_sdpa = config.dropout, config.use_sdpa
-        self.wq = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.wq = Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -246,9 +247,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.d_model, config.hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(config.hidden_dim, config.d_model, bias=False)  # down
-        self.w3 = nn.Linear(config.d_model, config.hidden_dim, bias=False)  # up
+        self.w1 = Linear(config.d_model, config.hidden_dim, bias=False)  # gate
+        self.w2 = Linear(config.hidden_dim, config.d_model, bias=False)  # down
+        self.w3 = Linear(config.d_model, config.hidden_dim, bias=False)  # up
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +281,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(TransformerBlock(i, config) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.output = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # A plain attribute, not a buffer (as in Meta's code): it must stay complex64 when the
@@ -406,13 +407,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(h.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_weight = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None
+        # One (chunk_rows, vocab) buffer serves every chunk: a fresh one each time would cost page
+        # faults on every chunk (each is tens of MB).
+        rows_per_chunk = min(chunk_rows, h.size(0))
+        log_probs_buffer = torch.empty(rows_per_chunk, w.size(0), dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[start:start + chunk_rows], targets[start:start + chunk_rows]
+            n = len(t_chunk)
             keep = t_chunk != ignore_index
             t_safe = t_chunk.masked_fill(~keep, 0)
-            rows = torch.arange(len(t_safe), device=h.device)
-            log_probs = torch.log_softmax((h_chunk @ w.t()).float(), dim=-1)  # (rows, vocab)
+            rows = torch.arange(n, device=h.device)
+            logits = matmul_transposed(h_chunk, w)  # (rows, vocab)
+            log_probs = torch.log_softmax(logits.float(), dim=-1, out=log_probs_buffer[:n])
             total -= (log_probs[rows, t_safe] * keep).sum()
             if needs_grad:
                 grad = log_probs.exp_()  # softmax, in place
@@ -420,8 +427,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if not keep.all():
                     grad[~keep] = 0.0
                 grad = grad.to(h.dtype)
-                torch.mm(grad, w, out=grad_h[start:start + chunk_rows])
-                grad_weight.addmm_(grad.t().float(), h_chunk.float())
+                grad_h[start:start + chunk_rows] = matmul_transposed(grad, w.t())  # g·W
+                if start == 0:  # the first chunk's product initialises ∂W
+                    torch.mm(grad.t().float(), h_chunk.float(), out=grad_weight)
+                else:
+                    grad_weight.addmm_(grad.t().float(), h_chunk.float())
         ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype) if needs_grad else None)
         return total
 

@@ -1,0 +1,81 @@
+"""`Linear`: nn.Linear whose products run on the faster of PyTorch's two CPU matrix libraries.
+
+A linear layer costs three matrix products per training step: y = x·Wᵀ forward, then ∂x = g·W and
+∂W = gᵀ·x backward (g = ∂loss/∂y). On a CPU, PyTorch sends every float32 product to MKL. It also
+ships oneDNN (its compiler's CPU backend), which takes ordinary tensors through
+`torch.ops.mkldnn._linear_pointwise(x, W, bias)` = x·Wᵀ + bias. Measured on the 2-core AMD EPYC
+that runs `bench/` (`bench/bench_llama.py`, section "gemm"), oneDNN computes x·Wᵀ and g·W
+15–40% faster than MKL at the shapes of Llama training, while MKL is faster for gᵀ·x. So `Linear`
+takes each product from the library that is faster for it.
+
+It is an nn.Linear (same parameters, state-dict names and initialisation), and it behaves exactly
+like one wherever the oneDNN path does not apply: on GPUs, under autocast, for dtypes other than
+float32, inside torch.compile, or when PyTorch was built without oneDNN. `tests/test_gemm.py`
+checks outputs and gradients against F.linear.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+USE_ONEDNN = True  # module-wide switch, for measurements and tests
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = _onednn_available()
+
+
+def use_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether the products of these tensors go through oneDNN (CPU float32, eager, no autocast)."""
+    return (USE_ONEDNN and _ONEDNN and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
+                    for t in tensors))
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ (+ bias) by oneDNN, no autograd: x (N, in), weight (out, in) → (N, out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def matmul_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ for 2-D x (N, in) and weight (out, in), by oneDNN where `use_onednn` says so."""
+    return onednn_linear(x, weight) if use_onednn(x, weight) else x @ weight.t()
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b with y and ∂x from oneDNN and ∂W = gᵀ·x from MKL (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x_rows = x.reshape(-1, x.size(-1))  # (N, in)
+        return onednn_linear(x_rows, weight, bias).view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.size(-1))  # (N, out)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_linear(g, weight.t()).view(x.shape)  # g·W = g·(Wᵀ)ᵀ
+        if ctx.needs_input_grad[1]:
+            grad_weight = g.t() @ x.reshape(-1, x.size(-1))  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(dim=0)
+        return grad_x, grad_weight, grad_bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `_OneDNNLinear` where `use_onednn` applies, by F.linear elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tensors = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
+        if use_onednn(*tensors):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,86 @@
+"""fromscratch.gemm.Linear: the oneDNN products give nn.Linear's outputs and gradients."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fromscratch import gemm
+from fromscratch.gemm import Linear, matmul_transposed, use_onednn
+
+needs_onednn = pytest.mark.skipif(not gemm._ONEDNN, reason="PyTorch built without oneDNN")
+
+
+def _pair(bias: bool):
+    torch.manual_seed(0)
+    ours = Linear(48, 80, bias=bias)
+    reference = nn.Linear(48, 80, bias=bias)
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(37, 48), (3, 29, 48)])
+def test_outputs_and_gradients_equal_nn_linear(bias, shape):
+    ours, reference = _pair(bias)
+    x = torch.randn(shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(*shape[:-1], 80)
+    assert use_onednn(x, ours.weight)
+    y = ours(x)
+    y.backward(grad_out)
+    y_ref = reference(x_ref)
+    y_ref.backward(grad_out)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, atol=1e-4, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(ours.bias.grad, reference.bias.grad, atol=1e-5, rtol=1e-5)
+    assert y.grad_fn.name().endswith("_OneDNNLinearBackward")
+
+
+def test_frozen_input_gets_no_gradient_and_weights_still_do():
+    ours, reference = _pair(False)
+    x = torch.randn(5, 48)
+    ours(x).sum().backward()
+    reference(x).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_same_parameters_and_names_as_nn_linear():
+    ours, reference = _pair(True)
+    assert isinstance(ours, nn.Linear)
+    assert list(ours.state_dict()) == list(reference.state_dict()) == ["weight", "bias"]
+
+
+def test_elsewhere_it_is_exactly_f_linear(monkeypatch):
+    ours, _ = _pair(True)
+    x = torch.randn(7, 48)
+    # Half precision and autocast are not taken over: the result is F.linear's, bit for bit.
+    bf16 = ours.to(torch.bfloat16)
+    assert not use_onednn(x.bfloat16(), bf16.weight)
+    assert torch.equal(bf16(x.bfloat16()), F.linear(x.bfloat16(), bf16.weight, bf16.bias))
+    ours = ours.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_onednn(x, ours.weight)
+        out = ours(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, F.linear(x, ours.weight, ours.bias))
+    monkeypatch.setattr(gemm, "USE_ONEDNN", False)
+    assert torch.equal(ours(x), F.linear(x, ours.weight, ours.bias))
+    assert not use_onednn(torch.randn(2, 2, device="meta"))
+
+
+@pytest.mark.parametrize("transposed_weight", [False, True])
+def test_matmul_transposed(transposed_weight):
+    x = torch.randn(33, 20)
+    weight = torch.randn(20, 50).t() if transposed_weight else torch.randn(50, 20)  # (50, 20)
+    torch.testing.assert_close(matmul_transposed(x, weight), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_module_runs_and_agrees():
+    ours, reference = _pair(True)
+    x = torch.randn(4, 48)
+    compiled = torch.compile(ours, backend="eager")  # dynamo traces the F.linear branch
+    torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-5)
