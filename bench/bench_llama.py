@@ -8,8 +8,11 @@
    tokens/s against Hugging Face computing its own loss from labels.
 3. Our KV cache against recomputing the whole prefix (use_cache=False) at 200 new tokens:
    speed, and peak memory of each: the peak rise of the resident set size (RSS, sampled from
-   /proc/self/statm) during one generation in a fresh process, beside the cache's own size.
-4. The matrix products of one training step, MKL (PyTorch's default on a CPU) against oneDNN
+   /proc/self/statm) during one generation in a fresh process, beside the cache's own size and
+   the packed copy of the weights that cached decoding keeps on the model (`decode.py`).
+4. The matrix products of one decoding step (every weight of the model times one row) in three
+   layouts: nn.Linear's (out, in), a contiguous transpose, and decode.py's column blocks.
+5. The matrix products of one training step, MKL (PyTorch's default on a CPU) against oneDNN
    (`fromscratch.gemm`): GFLOP/s of y = x·Wᵀ, ∂x = g·W and ∂W = gᵀ·x at the step's shapes.
 
 Random weights are enough: the work per token does not depend on their values. Each timing is
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from fromscratch.llama.checkpoints import config_to_hf, meta_key_to_hf, meta_to_hf_permute
+from fromscratch.llama.decode import PackedLlama
 from fromscratch.llama.model import Llama, LlamaConfig
 
 PROMPT = [1, 9038, 2501, 263, 931]  # "<s> Once upon a time" in Llama 2's tokenizer
@@ -151,8 +155,13 @@ def memory_probe(use_cache: bool, new_tokens: int, threads: int) -> dict:
     done.set()
     sampler.join()
     cache_bytes = model.new_cache(1, len(PROMPT) + new_tokens).nbytes if use_cache else 0
-    return {"peak_rss_rise_mib": round((max(peak[0], baseline) - baseline) / 2**20, 2),
-            "kv_cache_mib": round(cache_bytes / 2**20, 2)}
+    result = {"peak_rss_rise_mib": round((max(peak[0], baseline) - baseline) / 2**20, 2),
+              "kv_cache_mib": round(cache_bytes / 2**20, 2)}
+    if use_cache:  # made by the warm-up call, so inside the baseline: reported on its own
+        packed = PackedLlama.of(model)
+        tensors = [packed.output] + [t for layer in packed.layers for t in (layer.wqkv, layer.wo, layer.w13, layer.w2)]
+        result["packed_weights_mib"] = round(sum(t.nbytes for t in tensors) / 2**20, 2)
+    return result
 
 
 def bench_kv_cache(model, new_tokens: int, repeats: int, threads: int) -> dict:
@@ -178,6 +187,46 @@ def bench_kv_cache(model, new_tokens: int, repeats: int, threads: int) -> dict:
         "memory_method": "peak rise of resident set size (/proc/self/statm, sampled every 0.2 ms) "
                          "during one generation, in a fresh process, above the RSS just before it",
     }
+
+
+def bench_decode_layouts(model, repeats: int) -> dict:
+    """ms per token for the products of one decoding step, in a cycle over all the weights as a
+    real step does (so they come from DRAM, not cache), and the bandwidth that implies."""
+    from fromscratch.llama.decode import column_blocks, n_column_blocks
+
+    config = model.config
+    matrices = []
+    for block in model.layers:
+        attention, ffn = block.attention, block.feed_forward
+        matrices += [torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight]),
+                     attention.wo.weight, torch.cat([ffn.w1.weight, ffn.w3.weight]), ffn.w2.weight]
+    matrices = [m.detach() for m in matrices] + [model.output.weight.detach()]
+    total_bytes = sum(m.nbytes for m in matrices)
+    inputs = {d: torch.randn(1, d) for d in (config.d_model, config.hidden_dim)}
+    layouts = {
+        "nn.Linear (out, in)": [(inputs[m.size(1)], m) for m in matrices],
+        "transposed (in, out)": [(inputs[m.size(1)], m.t().contiguous()) for m in matrices],
+        "column blocks + bmm": [(inputs[m.size(1)], column_blocks(m, n_column_blocks(m.size(0))))
+                                for m in matrices],
+    }
+    products = {
+        "nn.Linear (out, in)": lambda x, w: torch.nn.functional.linear(x, w),
+        "transposed (in, out)": lambda x, w: x @ w,
+        "column blocks + bmm": lambda x, w: torch.bmm(x.expand(w.size(0), *x.shape), w),
+    }
+    results = {"weights_mb": round(total_bytes / 1e6, 1)}
+    with torch.inference_mode():
+        for name, pairs in layouts.items():
+            product = products[name]
+
+            def one_token():
+                for x, w in pairs:
+                    product(x, w)
+
+            one_token()
+            seconds = min(timed(lambda: [one_token() for _ in range(20)], repeats)) / 20
+            results[name] = {"ms_per_token": round(seconds * 1e3, 2), "gb_per_s": round(total_bytes / seconds / 1e9, 1)}
+    return results
 
 
 def bench_gemm(model, tokens: int, repeats: int) -> dict:
@@ -246,6 +295,8 @@ def main() -> None:
     model.eval()
     print("KV cache against recomputation ...", file=sys.stderr)
     results["kv_cache"] = bench_kv_cache(model, new_tokens, max(1, repeats - 2), args.threads)
+    print("decoding products in three layouts ...", file=sys.stderr)
+    results["decode_layouts"] = bench_decode_layouts(model, repeats)
     print("matrix products: MKL against oneDNN ...", file=sys.stderr)
     results["gemm"] = bench_gemm(model, batch_size * seq_len, repeats)
     results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

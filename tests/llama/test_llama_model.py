@@ -299,6 +299,22 @@ def test_linear_cross_entropy_chunks_and_sums():
         torch.testing.assert_close(linear_cross_entropy(h, weight, targets), expected)
 
 
+def test_linear_cross_entropy_is_exact_when_the_target_probability_underflows():
+    """Losses of hundreds (a target probability below float32's range) come out exact, not inf."""
+    h = torch.randn(6, 16) * 40.0
+    weight = torch.randn(30, 16, requires_grad=True)
+    logits = h @ weight.detach().t()
+    targets = logits.argmin(dim=-1)  # the least likely token of each row
+    targets[0] = logits[0].argmax()  # and one ordinary row
+    expected = F.cross_entropy(logits, targets, reduction="none")
+    assert expected[1:].min() > 150  # e^-150 is far below float32's smallest number
+    got = linear_cross_entropy(h, weight, targets, reduction="sum", chunk_rows=4)
+    torch.testing.assert_close(got, expected.sum())
+    got.backward()
+    expected_grad, = torch.autograd.grad(F.cross_entropy(h @ weight.t(), targets, reduction="sum"), weight)
+    torch.testing.assert_close(weight.grad, expected_grad)
+
+
 # --- learning ------------------------------------------------------------------------------------
 
 def test_tiny_llama_learns_real_text(shared_data):

@@ -396,7 +396,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     The loss is the end of the graph, so its gradient with respect to the logits is known in
     the forward pass: softmax(logits) − onehot(target). Forward therefore turns each chunk's
-    log-probabilities into that gradient in place, takes the two products that need it
+    probabilities into that gradient in place, takes the two products that need it
     (∂h = g·W and ∂W += gᵀ·h), and drops it: the (rows, vocab) logits never exist whole.
     Backward only scales the stored gradients by the incoming one.
     """
@@ -411,18 +411,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # One (chunk_rows, vocab) buffer serves every chunk: a fresh one each time would cost page
         # faults on every chunk (each is tens of MB).
         rows_per_chunk = min(chunk_rows, h.size(0))
-        log_probs_buffer = torch.empty(rows_per_chunk, w.size(0), dtype=torch.float32, device=h.device)
+        probs_buffer = torch.empty(rows_per_chunk, w.size(0), dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[start:start + chunk_rows], targets[start:start + chunk_rows]
             n = len(t_chunk)
             keep = t_chunk != ignore_index
             t_safe = t_chunk.masked_fill(~keep, 0)
             rows = torch.arange(n, device=h.device)
-            logits = matmul_transposed(h_chunk, w)  # (rows, vocab)
-            log_probs = torch.log_softmax(logits.float(), dim=-1, out=log_probs_buffer[:n])
-            total -= (log_probs[rows, t_safe] * keep).sum()
+            logits = matmul_transposed(h_chunk, w).float()  # (rows, vocab)
+            probs = torch.softmax(logits, dim=-1, out=probs_buffer[:n])
+            total += (token_losses(logits, probs, rows, t_safe) * keep).sum()
             if needs_grad:
-                grad = log_probs.exp_()  # softmax, in place
+                grad = probs  # becomes softmax − onehot, in place
                 grad[rows, t_safe] -= 1.0
                 if not keep.all():
                     grad[~keep] = 0.0
@@ -439,6 +439,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_weight = ctx.saved_tensors
         return grad_h * grad_total, grad_weight * grad_total, None, None, None
+
+
+def token_losses(logits: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """−log p(target) of each row, from its softmax: one pass over the logits fewer than
+    log_softmax followed by exp. Where p(target) underflows float32 (a loss above ~69), the loss
+    is taken exactly from the logits instead: logsumexp(z) − z_target."""
+    p_target = probs[rows, targets]
+    losses = -torch.log(p_target)
+    tiny = p_target < 1e-30
+    if tiny.any():
+        exact = torch.logsumexp(logits[tiny], dim=-1) - logits[rows[tiny], targets[tiny]]
+        losses = losses.masked_scatter(tiny, exact)
+    return losses
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
