@@ -57,6 +57,9 @@ def test_same_parameters_and_names_as_nn_linear():
 def test_elsewhere_it_is_exactly_f_linear(monkeypatch):
     ours, _ = _pair(True)
     x = torch.randn(7, 48)
+    with torch.no_grad():
+        assert not use_onednn(x, ours.weight)
+        assert torch.equal(ours(x), F.linear(x, ours.weight, ours.bias))
     # Half precision and autocast are not taken over: the result is F.linear's, bit for bit.
     bf16 = ours.to(torch.bfloat16)
     assert not use_onednn(x.bfloat16(), bf16.weight)
@@ -72,11 +75,31 @@ def test_elsewhere_it_is_exactly_f_linear(monkeypatch):
     assert not use_onednn(torch.randn(2, 2, device="meta"))
 
 
+@needs_onednn
+@pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("transposed_weight", [False, True])
-def test_matmul_transposed(transposed_weight):
+def test_matmul_transposed(transposed_weight, onednn):
     x = torch.randn(33, 20)
     weight = torch.randn(20, 50).t() if transposed_weight else torch.randn(50, 20)  # (50, 20)
-    torch.testing.assert_close(matmul_transposed(x, weight), x @ weight.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(matmul_transposed(x, weight, onednn), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_never_reaches_onednn(monkeypatch):
+    """oneDNN keeps a kernel per shape; inference meets endless shapes, so it must stay on MKL."""
+    from fromscratch.llama.model import Llama, LlamaConfig
+
+    def refuse(*args):
+        raise AssertionError("oneDNN called during inference")
+
+    monkeypatch.setattr(gemm, "onednn_linear", refuse)
+    model = Llama(LlamaConfig.from_preset("tiny"))
+    assert not use_onednn(torch.randn(3, 4), torch.randn(5, 4))  # nothing asks for a gradient
+    with torch.no_grad():
+        model(torch.randint(0, 512, (2, 9)))
+        model.loss(torch.randint(0, 512, (2, 9)), torch.randint(0, 512, (2, 9)))
+    for length in (3, 7, 12):  # prompts of different lengths, cached and not
+        model.generate([1] * length, 4, temperature=0)
+        model.generate([1] * length, 4, temperature=0, use_cache=False)
 
 
 def test_compiled_module_runs_and_agrees():

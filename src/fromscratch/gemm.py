@@ -8,10 +8,15 @@ that runs `bench/` (`bench/bench_llama.py`, section "gemm"), oneDNN computes x·
 15–40% faster than MKL at the shapes of Llama training, while MKL is faster for gᵀ·x. So `Linear`
 takes each product from the library that is faster for it.
 
+oneDNN compiles a kernel for every distinct shape it meets and keeps it: about 0.7 MB each here,
+never freed, so a stream of new shapes (prompts of every length, decoding without a cache) grows
+the process without bound. Training steps repeat the same few shapes, so `Linear` uses oneDNN
+only when gradients are being computed; inference goes to MKL.
+
 It is an nn.Linear (same parameters, state-dict names and initialisation), and it behaves exactly
-like one wherever the oneDNN path does not apply: on GPUs, under autocast, for dtypes other than
-float32, inside torch.compile, or when PyTorch was built without oneDNN. `tests/test_gemm.py`
-checks outputs and gradients against F.linear.
+like one wherever the oneDNN path does not apply: without gradients, on GPUs, under autocast, for
+dtypes other than float32, inside torch.compile, or when PyTorch was built without oneDNN.
+`tests/test_gemm.py` checks outputs and gradients against F.linear.
 """
 
 import torch
@@ -29,9 +34,11 @@ _ONEDNN = _onednn_available()
 
 
 def use_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether the products of these tensors go through oneDNN (CPU float32, eager, no autocast)."""
-    return (USE_ONEDNN and _ONEDNN and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
+    """Whether products of these tensors go through oneDNN: a gradient is wanted from them (a
+    training step, whose shapes repeat), on CPU in float32, eagerly, without autocast."""
+    return (USE_ONEDNN and _ONEDNN and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
                     for t in tensors))
 
@@ -41,9 +48,10 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def matmul_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x·Wᵀ for 2-D x (N, in) and weight (out, in), by oneDNN where `use_onednn` says so."""
-    return onednn_linear(x, weight) if use_onednn(x, weight) else x @ weight.t()
+def matmul_transposed(x: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """x·Wᵀ for 2-D x (N, in) and weight (out, in), by oneDNN if `onednn` (from `use_onednn`,
+    asked outside any autograd.Function, where gradient mode is off) else by MKL."""
+    return onednn_linear(x, weight) if onednn else x @ weight.t()
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromscratch.errors import UserError
-from fromscratch.gemm import Linear, matmul_transposed
+from fromscratch.gemm import Linear, matmul_transposed, use_onednn
 from fromscratch.transformer.attention import scaled_dot_product_attention
 
 
@@ -402,7 +402,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int):
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int, onednn: bool):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(h.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -418,7 +418,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             keep = t_chunk != ignore_index
             t_safe = t_chunk.masked_fill(~keep, 0)
             rows = torch.arange(n, device=h.device)
-            logits = matmul_transposed(h_chunk, w).float()  # (rows, vocab)
+            logits = matmul_transposed(h_chunk, w, onednn).float()  # (rows, vocab)
             probs = torch.softmax(logits, dim=-1, out=probs_buffer[:n])
             total += (token_losses(logits, probs, rows, t_safe) * keep).sum()
             if needs_grad:
@@ -427,7 +427,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if not keep.all():
                     grad[~keep] = 0.0
                 grad = grad.to(h.dtype)
-                grad_h[start:start + chunk_rows] = matmul_transposed(grad, w.t())  # g·W
+                grad_h[start:start + chunk_rows] = matmul_transposed(grad, w.t(), onednn)  # g·W
                 if start == 0:  # the first chunk's product initialises ∂W
                     torch.mm(grad.t().float(), h_chunk.float(), out=grad_weight)
                 else:
@@ -438,7 +438,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_total, grad_weight * grad_total, None, None, None
+        return grad_h * grad_total, grad_weight * grad_total, None, None, None, None
 
 
 def token_losses(logits: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor,
@@ -468,7 +468,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if reduction not in ("mean", "sum"):
         raise UserError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     chunk_rows = chunk_rows or max(1, 2**23 // weight.size(0))
-    total = _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
+    total = _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows, use_onednn(h, weight))
     if reduction == "sum":
         return total
     return total / (targets != ignore_index).sum().clamp(min=1)
