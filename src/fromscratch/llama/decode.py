@@ -4,13 +4,14 @@ After the prompt, every step feeds one token per row through the model. Each wei
 for a single vector–matrix product, 2 FLOPs per weight read, so a step costs the time it takes to
 stream every weight from memory (61 MB for `stories15m`, more than the 32 MB of L3 cache, so from
 DRAM each time) plus PyTorch's per-operation overhead. How the weights are laid out decides how
-fast they stream; on this CPU's BLAS (MKL), measured by `bench/bench_llama.py` and the numbers
-below from a 2-core AMD EPYC:
+fast they stream. With this CPU's BLAS (MKL), on the 2-core AMD EPYC of `bench/bench_llama.py`
+(section "decode_layouts": all of one token's products, cycling through every weight):
 
-1. `nn.Linear` computes x·Wᵀ from W stored (out, in). For one row, MKL reads that layout at
-   ~8 GB/s; the same product from a contiguous (in, out) copy of Wᵀ runs at ~25 GB/s.
+1. `nn.Linear` computes x·Wᵀ from W stored (out, in). For one row, MKL streams that layout at
+   ~8 GB/s (7.5 ms a token); the same products from contiguous (in, out) copies of Wᵀ run at
+   ~18 GB/s (3.5 ms).
 2. MKL runs a one-row product on one core. Cut the columns of Wᵀ into blocks, stack them as a
-   batch and multiply with `torch.bmm`: the batch is shared among the cores (~35 GB/s on two).
+   batch and multiply with `torch.bmm`: the batch is shared among the cores (~34 GB/s, 1.8 ms).
 3. Products that read the same input are fused into one matrix: wq|wk|wv (one product instead of
    three) and w1|w3 (the SwiGLU gate and up projections). Fewer, larger products: less overhead.
 
