@@ -9,9 +9,8 @@ from fromscratch.llama.decode import (
     blocked_matmul,
     column_blocks,
     n_column_blocks,
-    rms_norm,
 )
-from fromscratch.llama.model import Llama, LlamaConfig, RMSNorm
+from fromscratch.llama.model import Llama, LlamaConfig
 
 CONFIGS = {
     "mha": LlamaConfig.from_preset("tiny", n_kv_heads=None),
@@ -50,14 +49,6 @@ def test_block_counts_divide_the_columns_and_share_the_cores(threads, monkeypatc
         assert n % threads == 0 or n < threads
     assert n_column_blocks(32000) == 2 * threads  # the classifier: two wide blocks per core
     assert 16 <= 288 // n_column_blocks(288) <= 24  # layer matrices: blocks of ~16 columns
-
-
-def test_rms_norm_equals_the_module():
-    norm = RMSNorm(64, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.normal_()
-    x = torch.randn(3, 64) * 5
-    torch.testing.assert_close(rms_norm(x, norm), norm(x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
