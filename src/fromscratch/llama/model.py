@@ -25,6 +25,9 @@ Where the code departs from the paper or from Meta's reference `llama/model.py`:
 - `Llama.loss` computes the cross-entropy a chunk of positions at a time without ever holding
   all the logits (`linear_cross_entropy`, at the end of this file): same result, less memory
   and time.
+- The projections are `fromscratch.gemm.Linear`: nn.Linear, with the products of a CPU training
+  step taken from whichever of PyTorch's two matrix libraries is faster for each (same maths).
+  Decoding on a CPU runs the blocks below on a re-laid-out copy of the weights (`decode.py`).
 """
 
 import math
