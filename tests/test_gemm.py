@@ -11,6 +11,12 @@ from fromscratch.gemm import Linear, matmul_transposed, use_onednn
 needs_onednn = pytest.mark.skipif(not gemm._ONEDNN, reason="PyTorch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def fresh_shape_budget(monkeypatch):
+    """Each test starts with oneDNN's whole shape budget (earlier tests may have used it up)."""
+    monkeypatch.setattr(gemm, "_onednn_shapes", set())
+
+
 def _pair(bias: bool):
     torch.manual_seed(0)
     ours = Linear(48, 80, bias=bias)
@@ -72,7 +78,7 @@ def test_elsewhere_it_is_exactly_f_linear(monkeypatch):
         assert torch.equal(out, F.linear(x, ours.weight, ours.bias))
     monkeypatch.setattr(gemm, "USE_ONEDNN", False)
     assert torch.equal(ours(x), F.linear(x, ours.weight, ours.bias))
-    assert not use_onednn(torch.randn(2, 2, device="meta"))
+    assert not use_onednn(torch.randn(2, 2, device="meta"), torch.randn(3, 2, device="meta", requires_grad=True))
 
 
 @needs_onednn
@@ -100,6 +106,15 @@ def test_inference_never_reaches_onednn(monkeypatch):
     for length in (3, 7, 12):  # prompts of different lengths, cached and not
         model.generate([1] * length, 4, temperature=0)
         model.generate([1] * length, 4, temperature=0, use_cache=False)
+
+
+@needs_onednn
+def test_onednn_takes_a_bounded_number_of_shapes(monkeypatch):
+    """Past MAX_ONEDNN_SHAPES distinct shapes, new ones go to MKL; seen ones stay on oneDNN."""
+    monkeypatch.setattr(gemm, "MAX_ONEDNN_SHAPES", 3)
+    weight = torch.randn(8, 4, requires_grad=True)
+    assert [use_onednn(torch.randn(rows, 4), weight) for rows in (1, 2, 3, 4, 2, 5)] == \
+        [True, True, True, False, True, False]
 
 
 def test_compiled_module_runs_and_agrees():

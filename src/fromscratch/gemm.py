@@ -12,7 +12,8 @@ faster for it.
 oneDNN compiles a kernel for every distinct shape it meets and keeps it: about 0.7 MB each here,
 never freed, so a stream of new shapes (prompts of every length, decoding without a cache) grows
 the process without bound. Training steps repeat the same few shapes, so `Linear` uses oneDNN
-only when gradients are being computed; inference goes to MKL.
+only when gradients are being computed, and for at most MAX_ONEDNN_SHAPES distinct shapes (a
+training run with ever-changing shapes gets MKL after those); inference goes to MKL.
 
 It is an nn.Linear (same parameters, state-dict names and initialisation), and it behaves exactly
 like one wherever the oneDNN path does not apply: without gradients, on GPUs, under autocast, for
@@ -25,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 USE_ONEDNN = True  # module-wide switch, for measurements and tests
+MAX_ONEDNN_SHAPES = 64  # distinct product shapes given to oneDNN; later new ones go to MKL
+_onednn_shapes: set[tuple[int, int, int]] = set()
 
 
 def _onednn_available() -> bool:
@@ -34,14 +37,24 @@ def _onednn_available() -> bool:
 _ONEDNN = _onednn_available()
 
 
-def use_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether products of these tensors go through oneDNN: a gradient is wanted from them (a
-    training step, whose shapes repeat), on CPU in float32, eagerly, without autocast."""
-    return (USE_ONEDNN and _ONEDNN and torch.is_grad_enabled()
+def use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the products of x (…, in) with weight (out, in) go through oneDNN: a gradient is
+    wanted from them (a training step, whose shapes repeat), on CPU in float32, eagerly, without
+    autocast, and the shape is one oneDNN has seen or one of its first MAX_ONEDNN_SHAPES (each new
+    shape costs ~0.7 MB that is never freed: this bounds it even when shapes never repeat)."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not (USE_ONEDNN and _ONEDNN and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
-                    for t in tensors))
+                    for t in tensors)):
+        return False
+    shape = (x.numel() // max(1, x.size(-1)), *weight.shape)  # (rows, out, in)
+    if shape not in _onednn_shapes:
+        if len(_onednn_shapes) >= MAX_ONEDNN_SHAPES:
+            return False
+        _onednn_shapes.add(shape)
+    return True
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +97,6 @@ class Linear(nn.Linear):
     """nn.Linear computed by `_OneDNNLinear` where `use_onednn` applies, by F.linear elsewhere."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tensors = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
-        if use_onednn(*tensors):
+        if use_onednn(x, self.weight, self.bias):
             return _OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
