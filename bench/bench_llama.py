@@ -13,7 +13,8 @@
 4. The matrix products of one decoding step (every weight of the model times one row) in three
    layouts: nn.Linear's (out, in), a contiguous transpose, and decode.py's column blocks.
 5. The matrix products of one training step, MKL (PyTorch's default on a CPU) against oneDNN
-   (`fromscratch.gemm`): GFLOP/s of y = x·Wᵀ, ∂x = g·W and ∂W = gᵀ·x at the step's shapes.
+   (`fromscratch.gemm`): GFLOP/s of y = x·Wᵀ, ∂x = g·W and ∂W = gᵀ·x at the step's shapes; and
+   the resident memory oneDNN keeps for each new shape it meets.
 
 Random weights are enough: the work per token does not depend on their values. Each timing is
 the best of several interleaved repeats (the machine may be shared); the median is kept too.
@@ -256,7 +257,24 @@ def bench_gemm(model, tokens: int, repeats: int) -> dict:
                 onednn_t += timed(onednn, 1)
             results[f"{name}: {product}"] = {
                 "mkl_gflops": round(flops / min(mkl_t) / 1e9), "onednn_gflops": round(flops / min(onednn_t) / 1e9)}
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", "onednn", "--threads", str(torch.get_num_threads())],
+                         capture_output=True, text=True, check=True)
+    results.update(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
+
+
+def onednn_shape_memory() -> dict:
+    """Run in a fresh process: what each new shape costs in resident memory, since oneDNN builds
+    and keeps a kernel per shape (gemm.py's reason for MAX_ONEDNN_SHAPES). 100 products of unseen
+    shapes (rows 1000..1099 times a 288 → 768 weight), after one to start the library."""
+    from fromscratch.gemm import onednn_linear
+
+    weight = torch.randn(768, 288)
+    onednn_linear(torch.randn(999, 288), weight)
+    before = _rss_bytes()
+    for rows in range(1000, 1100):
+        onednn_linear(torch.randn(rows, 288), weight)
+    return {"onednn_memory_per_new_shape_mb": round((_rss_bytes() - before) / 100 / 1e6, 2)}
 
 
 def main() -> None:
@@ -264,9 +282,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tokens, a smaller batch, one repeat")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "llama.json"))
-    parser.add_argument("--memory-probe", choices=["cached", "uncached"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=["cached", "uncached", "onednn"], help=argparse.SUPPRESS)
     parser.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe == "onednn":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(onednn_shape_memory()))
+        return
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe == "cached", args.new_tokens, args.threads)))
         return

@@ -5,12 +5,11 @@ A linear layer costs three matrix products per training step: y = x·Wᵀ forwar
 ships oneDNN (its compiler's CPU backend), which takes ordinary tensors through
 `torch.ops.mkldnn._linear_pointwise(x, W, bias)` = x·Wᵀ + bias. Measured on the 2-core AMD EPYC
 that runs `bench/` (`bench/bench_llama.py`, section "gemm"), at the shapes of Llama training
-oneDNN computes x·Wᵀ and g·W 5–40% faster than MKL (40% for the classifier's x·Wᵀ), while MKL
-is faster for gᵀ·x, by up to 70%. So `Linear` takes each product from the library that is
-faster for it.
+oneDNN computes x·Wᵀ and g·W faster than MKL (by 5–40%, most for the classifier's x·Wᵀ), while
+MKL is faster for gᵀ·x. So `Linear` takes each product from the library that is faster for it.
 
-oneDNN compiles a kernel for every distinct shape it meets and keeps it: about 0.7 MB each here,
-never freed, so a stream of new shapes (prompts of every length, decoding without a cache) grows
+oneDNN compiles a kernel for every distinct shape it meets and keeps it: ~0.8 MB each here, never
+freed, so a stream of new shapes (prompts of every length, decoding without a cache) grows
 the process without bound. Training steps repeat the same few shapes, so `Linear` uses oneDNN
 only when gradients are being computed, and for at most MAX_ONEDNN_SHAPES distinct shapes (a
 training run with ever-changing shapes gets MKL after those); inference goes to MKL.
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 USE_ONEDNN = True  # module-wide switch, for measurements and tests
-MAX_ONEDNN_SHAPES = 64  # distinct product shapes given to oneDNN; later new ones go to MKL
+MAX_ONEDNN_SHAPES = 32  # distinct product shapes given to oneDNN; later new ones go to MKL
 _onednn_shapes: set[tuple[int, int, int]] = set()
 
 
@@ -41,7 +40,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """Whether the products of x (…, in) with weight (out, in) go through oneDNN: a gradient is
     wanted from them (a training step, whose shapes repeat), on CPU in float32, eagerly, without
     autocast, and the shape is one oneDNN has seen or one of its first MAX_ONEDNN_SHAPES (each new
-    shape costs ~0.7 MB that is never freed: this bounds it even when shapes never repeat)."""
+    shape costs ~0.8 MB that is never freed: this bounds it even when shapes never repeat)."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if not (USE_ONEDNN and _ONEDNN and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors)
