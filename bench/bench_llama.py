@@ -296,7 +296,7 @@ def main() -> None:
     import transformers
 
     torch.set_num_threads(args.threads)
-    new_tokens, (batch_size, seq_len), repeats = (50, (2, 64), 1) if args.quick else (200, (8, 256), 5)
+    new_tokens, (batch_size, seq_len), repeats = (50, (2, 64), 1) if args.quick else (200, (8, 256), 8)
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_preset("stories15m")).eval()
     hf = huggingface_copy(model).eval()
@@ -313,7 +313,7 @@ def main() -> None:
     print(f"decoding {new_tokens} tokens ...", file=sys.stderr)
     results["decode"] = bench_decode(model, hf, new_tokens, repeats)
     print(f"training on {batch_size}×{seq_len} ...", file=sys.stderr)
-    results["train"] = bench_train(model, hf, batch_size, seq_len, repeats + 1)
+    results["train"] = bench_train(model, hf, batch_size, seq_len, repeats)
     model.eval()
     print("KV cache against recomputation ...", file=sys.stderr)
     results["kv_cache"] = bench_kv_cache(model, new_tokens, max(1, repeats - 2), args.threads)

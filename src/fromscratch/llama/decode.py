@@ -8,10 +8,11 @@ fast they stream. With this CPU's BLAS (MKL), on the 2-core AMD EPYC of `bench/b
 (section "decode_layouts": all of one token's products, cycling through every weight):
 
 1. `nn.Linear` computes x·Wᵀ from W stored (out, in). For one row, MKL streams that layout at
-   ~8 GB/s (7.5 ms a token); the same products from contiguous (in, out) copies of Wᵀ run at
-   ~18 GB/s (3.5 ms).
+   ~8 GB/s (~8 ms a token); the same products from contiguous (in, out) copies of Wᵀ run about
+   twice as fast.
 2. MKL runs a one-row product on one core. Cut the columns of Wᵀ into blocks, stack them as a
-   batch and multiply with `torch.bmm`: the batch is shared among the cores (~34 GB/s, 1.8 ms).
+   batch and multiply with `torch.bmm`: the batch is shared among the cores (25–34 GB/s,
+   1.8–2.4 ms a token, as fast as this machine's memory lets two cores read).
 3. Products that read the same input are fused into one matrix: wq|wk|wv (one product instead of
    three) and w1|w3 (the SwiGLU gate and up projections). Fewer, larger products: less overhead.
 
