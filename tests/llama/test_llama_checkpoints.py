@@ -21,12 +21,14 @@ from fromscratch.engine.checkpoint import save_model_weights, write_json
 from fromscratch.errors import UserError
 from fromscratch.llama import checkpoints
 from fromscratch.llama.checkpoints import (
+    build_model,
     convert,
     export_llama2c,
     find_tokenizer,
     hf_to_meta_permute,
     load_pretrained,
     meta_to_hf_permute,
+    read_checkpoint,
     save_pretrained,
 )
 from fromscratch.llama.model import Llama, LlamaConfig, apply_rope, precompute_rope_rotations
@@ -139,6 +141,23 @@ def test_hf_safetensors_loads_with_equal_logits(tmp_path, variant, sharded):
     ours = load_pretrained(tmp_path)
     assert ours.config.rope_theta == 500000.0 and ours.config.tie_embeddings == VARIANTS[variant]["tie"]
     assert_matches_hf(ours, hf)
+
+
+@pytest.mark.parametrize("variant", ["mha-untied", "gqa-tied"])
+def test_loading_keeps_one_copy_of_the_weights(tmp_path, variant):
+    """The model is built on the meta device and takes the checkpoint's tensors as its parameters:
+    no random initialisation, no second copy (what makes a 7B checkpoint fit in memory once)."""
+    hf = random_hf(**VARIANTS[variant])
+    hf.save_pretrained(tmp_path)
+    ckpt = read_checkpoint(tmp_path)
+    model = build_model(ckpt)
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu" and p.data_ptr() == ckpt.state_dict[name].data_ptr(), name
+    if VARIANTS[variant]["tie"]:
+        assert model.output.weight is model.tok_embeddings.weight
+        assert model.num_parameters() == sum(t.numel() for k, t in ckpt.state_dict.items() if k != "output.weight")
+    assert model.rope_rotations.device.type == "cpu"
+    assert_matches_hf(model, hf)
 
 
 def write_pytorch_bin(hf, directory: Path, n_shards: int) -> None:

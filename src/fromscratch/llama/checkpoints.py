@@ -772,18 +772,21 @@ def _read_any(path: Path, dtype: torch.dtype | None) -> Checkpoint:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = torch.float32) -> Llama:
-    """A `Llama` holding a checked checkpoint's weights, in `dtype` (None: float32)."""
-    model = Llama(ckpt.config)
-    if dtype is not None and dtype != torch.float32:
-        model = model.to(dtype)
-    sd = dict(ckpt.state_dict)
-    own = model.state_dict()
-    if ckpt.config.tie_embeddings and "output.weight" in own:
+    """A `Llama` holding a checked checkpoint's weights, in `dtype` (None: float32).
+
+    The model is built on the meta device (shapes only, no memory, no random initialisation)
+    and the checkpoint's tensors become its parameters: loading a 7B checkpoint needs the
+    checkpoint's memory once, not twice."""
+    with torch.device("meta"):
+        model = Llama(ckpt.config)
+    sd = dict(ckpt.state_dict)  # already checked against the config: names and shapes
+    if ckpt.config.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    for name, buffer in model.named_buffers():  # e.g. a persistent RoPE table is the model's own
-        if name in own and name not in sd:
-            sd[name] = buffer
-    model.load_state_dict(sd, strict=True)
+    dtype = dtype or torch.float32
+    model.load_state_dict({name: tensor.to(dtype).contiguous() for name, tensor in sd.items()},
+                          strict=True, assign=True)
+    if ckpt.config.tie_embeddings:  # assign=True gave the two names two Parameters: one again
+        model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 

@@ -151,14 +151,15 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def precompute_rope_rotations(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> torch.Tensor:
+def precompute_rope_rotations(head_dim: int, max_seq_len: int, theta: float = 10000.0,
+                              device: torch.device | str | None = None) -> torch.Tensor:
     """e^{i·m·θⱼ} for every position m < max_seq_len and pair j < head_dim/2 (RoFormer §3.2).
 
     θⱼ = theta^(−2j/head_dim): the first pair turns once per ~6 positions, the last barely moves.
     Returns complex64 (max_seq_len, head_dim/2).
     """
-    theta_j = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (head_dim/2,)
-    angles = torch.outer(torch.arange(max_seq_len).float(), theta_j)  # m·θⱼ
+    theta_j = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # (head_dim/2,)
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), theta_j)  # m·θⱼ
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -288,8 +289,10 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # A plain attribute, not a buffer (as in Meta's code): it must stay complex64 when the
-        # model is cast to half precision. forward() moves it to the input's device.
-        self.rope_rotations = precompute_rope_rotations(config.head_dim, config.max_seq_len, config.rope_theta)
+        # model is cast to half precision. Made on the CPU even when the model is built on the
+        # meta device (as checkpoints.py does); forward() moves it to the input's device.
+        self.rope_rotations = precompute_rope_rotations(config.head_dim, config.max_seq_len,
+                                                        config.rope_theta, device="cpu")
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
