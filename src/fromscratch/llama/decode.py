@@ -53,9 +53,10 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
 def n_column_blocks(d_out: int) -> int:
     """How many column blocks to cut a matrix with `d_out` columns into.
 
-    Measured on 2 cores (`stories15m`, per-token time): blocks of ~16 columns for the layers'
-    matrices (54, 18, 96 and 18 blocks: 2.7 ms a token; 2 blocks each: 4.1 ms), but only two per
-    core for the 32,000-wide classifier; and a multiple of the core count, so no core waits.
+    Chosen by timing whole decoding steps of `stories15m` on 2 cores: blocks of ~16 columns for
+    the layers' matrices were fastest (far faster than one block per core), but only two blocks
+    per core for the 32,000-wide classifier; and always a multiple of the core count, so that no
+    core waits for another.
     """
     cores = torch.get_num_threads()
     target = 2 * cores if d_out >= 4096 else max(cores, d_out // 16)
@@ -136,10 +137,8 @@ class PackedLlama:
         """The packed weights of `model`, made once and kept on it until its weights change."""
         packed = getattr(model, "_packed_for_decoding", None)
         if packed is None or packed.key is None or packed.key != cls._weights_key(model):
-            packed = None
-            model._packed_for_decoding = None  # free the stale copy before making the new one
-            packed = cls(model)
-            model._packed_for_decoding = packed
+            packed = model._packed_for_decoding = None  # free the stale copy before making anew
+            packed = model._packed_for_decoding = cls(model)
         return packed
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
