@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from fromscratch.llama.checkpoints import config_to_hf, meta_key_to_hf, meta_to_hf_permute
-from fromscratch.llama.decode import PackedLlama
+from fromscratch.gemm import onednn_linear
+from fromscratch.llama.decode import PackedLlama, column_blocks, n_column_blocks
 from fromscratch.llama.model import Llama, LlamaConfig
 
 PROMPT = [1, 9038, 2501, 263, 931]  # "<s> Once upon a time" in Llama 2's tokenizer
@@ -193,8 +194,6 @@ def bench_kv_cache(model, new_tokens: int, repeats: int, threads: int) -> dict:
 def bench_decode_layouts(model, repeats: int) -> dict:
     """ms per token for the products of one decoding step, in a cycle over all the weights as a
     real step does (so they come from DRAM, not cache), and the bandwidth that implies."""
-    from fromscratch.llama.decode import column_blocks, n_column_blocks
-
     config = model.config
     matrices = []
     for block in model.layers:
@@ -231,8 +230,6 @@ def bench_decode_layouts(model, repeats: int) -> dict:
 
 
 def bench_gemm(model, tokens: int, repeats: int) -> dict:
-    from fromscratch.gemm import onednn_linear
-
     config = model.config
     shapes = {  # (in, out) of each product in a step: the layers' matrices, and a chunk of the classifier
         "wq/wo (288→288)": (tokens, config.d_model, config.d_model),
@@ -267,8 +264,6 @@ def onednn_shape_memory() -> dict:
     """Run in a fresh process: what each new shape costs in resident memory, since oneDNN builds
     and keeps a kernel per shape (gemm.py's reason for MAX_ONEDNN_SHAPES). 100 products of unseen
     shapes (rows 1000..1099 times a 288 → 768 weight), after one to start the library."""
-    from fromscratch.gemm import onednn_linear
-
     weight = torch.randn(768, 288)
     onednn_linear(torch.randn(999, 288), weight)
     before = _rss_bytes()
