@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from fromscratch.llama.checkpoints import config_to_hf, meta_key_to_hf, meta_to_hf_permute
 from fromscratch.gemm import onednn_linear
+from fromscratch.llama.checkpoints import config_to_hf, meta_key_to_hf, meta_to_hf_permute
 from fromscratch.llama.decode import PackedLlama, column_blocks, n_column_blocks
 from fromscratch.llama.model import Llama, LlamaConfig
 
