@@ -5,7 +5,7 @@ A linear layer costs three matrix products per training step: y = x·Wᵀ forwar
 ships oneDNN (its compiler's CPU backend), which takes ordinary tensors through
 `torch.ops.mkldnn._linear_pointwise(x, W, bias)` = x·Wᵀ + bias. Measured on the 2-core AMD EPYC
 that runs `bench/` (`bench/bench_llama.py`, section "gemm"), at the shapes of Llama training
-oneDNN computes x·Wᵀ and g·W faster than MKL (by 5–40%, most for the classifier's x·Wᵀ), while
+oneDNN computes x·Wᵀ and g·W faster than MKL (by 10–50%, most for the classifier's x·Wᵀ), while
 MKL is faster for gᵀ·x. So `Linear` takes each product from the library that is faster for it.
 
 oneDNN compiles a kernel for every distinct shape it meets and keeps it: ~0.8 MB each here, never
