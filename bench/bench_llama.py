@@ -9,14 +9,15 @@
 3. Our KV cache against recomputing the whole prefix (use_cache=False) at 200 new tokens:
    speed, and peak memory of each: the peak rise of the resident set size (RSS, sampled from
    /proc/self/statm) during one generation in a fresh process, beside the cache's own size and
-   the packed copy of the weights that cached decoding keeps on the model (`decode.py`).
+   the packed copy of the weights that accelerated decoding keeps (`llama/fast.py`).
 4. The matrix products of one decoding step (every weight of the model times one row) in three
-   layouts: nn.Linear's (out, in), a contiguous transpose, and decode.py's column blocks.
+   layouts: nn.Linear's (out, in), a contiguous transpose, and fast.py's column blocks.
 5. The matrix products of one training step, MKL (PyTorch's default on a CPU) against oneDNN
-   (`fromscratch.gemm`): GFLOP/s of y = x·Wᵀ, ∂x = g·W and ∂W = gᵀ·x at the step's shapes; and
+   (`fromscratch.fast.gemm`): GFLOP/s of y = x·Wᵀ, ∂x = g·W and ∂W = gᵀ·x at the step's shapes; and
    the resident memory oneDNN keeps for each new shape it meets.
 
-Random weights are enough: the work per token does not depend on their values. Each timing is
+Our model runs with its opt-in fast paths (`fromscratch.llama.accelerate`), as `llama train` and
+`llama generate` run it. Random weights are enough: the work per token does not depend on their values. Each timing is
 the best of several interleaved repeats (the machine may be shared); the median is kept too.
 """
 
@@ -34,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from fromscratch.gemm import onednn_linear
+from fromscratch.fast.gemm import onednn_linear
+from fromscratch.llama import Llama, LlamaConfig, accelerate
 from fromscratch.llama.checkpoints import config_to_hf, meta_key_to_hf, meta_to_hf_permute
-from fromscratch.llama.decode import PackedLlama, column_blocks, n_column_blocks
-from fromscratch.llama.model import Llama, LlamaConfig
+from fromscratch.llama.fast import column_blocks, n_column_blocks
 
 PROMPT = [1, 9038, 2501, 263, 931]  # "<s> Once upon a time" in Llama 2's tokenizer
 
@@ -104,7 +105,7 @@ def bench_train(model, hf, batch_size: int, seq_len: int, repeats: int) -> dict:
     hf.train()
 
     def ours():
-        loss = model.loss(inputs, targets)
+        loss = model(inputs, targets=targets)
         ours_opt.zero_grad(set_to_none=True)
         loss.backward()
         ours_opt.step()
@@ -140,7 +141,7 @@ def memory_probe(use_cache: bool, new_tokens: int, threads: int) -> dict:
     every 0.2 ms from /proc/self/statm, above the resident memory just before it."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Llama(LlamaConfig.from_preset("stories15m")).eval()
+    model = accelerate(Llama(LlamaConfig.from_preset("stories15m")).eval())
     prompt = torch.tensor([PROMPT])
     model.generate(prompt, 2, temperature=0, use_cache=use_cache)  # thread pools, first-call buffers
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the baseline is what is live
@@ -160,8 +161,9 @@ def memory_probe(use_cache: bool, new_tokens: int, threads: int) -> dict:
     result = {"peak_rss_rise_mib": round((max(peak[0], baseline) - baseline) / 2**20, 2),
               "kv_cache_mib": round(cache_bytes / 2**20, 2)}
     if use_cache:  # made by the warm-up call, so inside the baseline: reported on its own
-        packed = PackedLlama.of(model)
-        tensors = [packed.output] + [t for layer in packed.layers for t in (layer.wqkv, layer.wo, layer.w13, layer.w2)]
+        packed = model.decode_step.packed
+        tensors = [packed.output] + [t for layer in packed.layers
+                                     for t in (layer.wqkv, layer.wo, layer.feed_forward.w13, layer.feed_forward.w2)]
         result["packed_weights_mib"] = round(sum(t.nbytes for t in tensors) / 2**20, 2)
     return result
 
@@ -295,6 +297,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_preset("stories15m")).eval()
     hf = huggingface_copy(model).eval()
+    accelerate(model)
     results = {
         "environment": {
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

@@ -13,7 +13,7 @@ def process_output(process: subprocess.Popen) -> str:
     stream = process.stderr
     if stream is None:
         return ""
-    if hasattr(stream, "seek"):
+    if stream.seekable():
         stream.seek(0)
     return stream.read().decode(errors="replace")
 

@@ -15,11 +15,12 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_task import ToyConfig, ToyTask  # noqa: E402
 
-from fromscratch.engine import Trainer, TrainConfig, TrainingStopped, load_run  # noqa: E402
+from fromscratch.checkpoints.runs import read_run  # noqa: E402
+from fromscratch.engine import Trainer, TrainConfig, TrainingStopped  # noqa: E402
 from fromscratch.engine.checkpoint import checkpoint_dir, load_model_weights, read_index  # noqa: E402
 from fromscratch.engine.metrics import read_csv  # noqa: E402
 from fromscratch.engine.schedules import learning_rate  # noqa: E402
-from fromscratch.errors import UserError  # noqa: E402
+from fromscratch.errors import Interrupted, UserError  # noqa: E402
 
 
 def config(out, **kw):
@@ -63,8 +64,10 @@ class SignalledTask(ToyTask):
 
 def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
     Trainer(ToyTask(), config(tmp_path / "straight")).fit()
-    result = Trainer(SignalledTask(signal_step=12), config(tmp_path / "broken")).fit()
-    assert result["step"] == 12 and read_index(tmp_path / "broken")["latest"] == "step-00000012"
+    with pytest.raises(Interrupted) as stopped:  # the CLI turns it into exit status 128 + 15
+        Trainer(SignalledTask(signal_step=12), config(tmp_path / "broken")).fit()
+    assert stopped.value.signum == signal.SIGTERM and "step 12" in str(stopped.value)
+    assert read_index(tmp_path / "broken")["latest"] == "step-00000012"
     # A fresh process would rebuild the task with a fresh RNG: mimic that by disturbing it.
     torch.manual_seed(999)
     Trainer(ToyTask(seed=0), config(tmp_path / "broken", resume=True)).fit()
@@ -135,13 +138,23 @@ def test_learning_rate_schedules():
     assert learning_rate(16000, noam) == pytest.approx(peak / 2)
 
 
-def test_load_run_reads_best_and_latest(tmp_path):
-    Trainer(ToyTask(), config(tmp_path / "run")).fit()
-    weights, model_config, run_dir = load_run(tmp_path / "run", which="latest")
-    assert model_config == ToyConfig().to_dict() and run_dir == tmp_path / "run"
+def test_a_run_directory_stands_for_its_best_checkpoint_else_its_latest(tmp_path):
+    run = tmp_path / "run"
+    Trainer(ToyTask(), config(run)).fit()
+    weights, model_config, step_dir, run_dir = read_run(run, ToyTask.model_name)
+    index = json.loads((run / "checkpoints.json").read_text())
+    assert step_dir == run / "checkpoints" / index["best"] and run_dir == run
+    assert model_config == ToyConfig().to_dict()
     assert set(weights) == set(ToyTask().model.state_dict())
-    with pytest.raises(UserError, match="holds no checkpoint"):
-        load_run(tmp_path)
+    latest = run / "checkpoints" / index["latest"]
+    assert read_run(latest, ToyTask.model_name)[2] == latest  # a step directory stands for itself
+    index.pop("best")
+    (run / "checkpoints.json").write_text(json.dumps(index))
+    assert read_run(run, ToyTask.model_name)[2] == latest  # no best recorded: the latest
+    with pytest.raises(UserError, match="not a training run"):
+        read_run(tmp_path, ToyTask.model_name)
+    with pytest.raises(UserError, match="holds a toy run"):
+        read_run(run, "llama")
 
 
 def test_bfloat16_autocast_trains_on_cpu(tmp_path):

@@ -26,14 +26,14 @@ SCRIPT = textwrap.dedent(
     from fromscratch.engine import checkpoint as ckpt
 
     out, hang = sys.argv[1], sys.argv[2] == "hang"
-    real_save = ckpt.save_tensors
-    def slow_save(tensors, path, metadata=None):
-        if hang and ".step-00000020.tmp" in str(path) and path.name == "model.safetensors":
+    real_save = ckpt.save_model_weights
+    def slow_save(state_dict, path):
+        if hang and ".step-00000020.tmp" in str(path):
             Path(path).write_bytes(b"half a file")
             Path(out, "SAVING").touch()
             time.sleep(60)
-        real_save(tensors, path, metadata)
-    ckpt.save_tensors = slow_save
+        real_save(state_dict, path)
+    ckpt.save_model_weights = slow_save
     resume = (Path(out) / "checkpoints.json").exists()
     Trainer(ToyTask(), TrainConfig(out_dir=out, max_steps=30, batch_size=8, lr=1e-2, warmup_steps=3,
                                    eval_every=10, save_every=10, resume=resume)).fit()

@@ -34,6 +34,8 @@ class ToyModel(nn.Module):
 
 
 class ToyTask:
+    model_name = "toy"
+
     def __init__(self, batch_size=8, seq_len=16, seed=0, config=None, nan_at_step=None):
         torch.manual_seed(seed)
         self.model_config = config or ToyConfig()

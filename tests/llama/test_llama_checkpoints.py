@@ -1,4 +1,4 @@
-"""Every checkpoint format `load_pretrained` reads, written here in that exact format.
+"""Every checkpoint format `Llama.from_pretrained` reads, written here in that exact format.
 
 Hugging Face directories are written by transformers itself (or, for the pickled
 pytorch_model*.bin that transformers 5 no longer writes, in the layout transformers 4 used);
@@ -26,12 +26,14 @@ from fromscratch.llama.checkpoints import (
     export_llama2c,
     find_tokenizer,
     hf_to_meta_permute,
-    load_pretrained,
     meta_to_hf_permute,
     read_checkpoint,
     save_pretrained,
 )
-from fromscratch.llama.model import Llama, LlamaConfig, apply_rope, precompute_rope_rotations
+from fromscratch.llama.config import LlamaConfig
+from fromscratch.llama.model import Llama, apply_rope, precompute_rope_rotations
+
+load_pretrained = Llama.from_pretrained
 
 VOCAB, TOKENS = 64, torch.tensor([[1, 5, 9, 33, 2, 60, 17, 8, 8, 40], [3, 3, 0, 63, 12, 7, 7, 1, 50, 21]])
 VARIANTS = {"mha-untied": dict(n_kv_heads=None, tie=False), "gqa-tied": dict(n_kv_heads=2, tie=True),
@@ -150,7 +152,7 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path, variant):
     hf = random_hf(**VARIANTS[variant])
     hf.save_pretrained(tmp_path)
     ckpt = read_checkpoint(tmp_path)
-    model = build_model(ckpt)
+    model = build_model(Llama, ckpt)
     for name, p in model.named_parameters():
         assert p.device.type == "cpu" and p.data_ptr() == ckpt.state_dict[name].data_ptr(), name
     if VARIANTS[variant]["tie"]:
@@ -238,7 +240,7 @@ def test_save_pretrained_crash_leaves_no_directory(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoints, "save_file", crash)
+    monkeypatch.setattr(checkpoints.huggingface, "save_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(random_llama(), tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
@@ -462,7 +464,7 @@ def write_run_checkpoint(run: Path, step: int, model: Llama, latest: bool = True
     return step_dir
 
 
-def test_training_run_loads_its_latest_checkpoint_or_a_chosen_one(tmp_path):
+def test_training_run_loads_its_best_checkpoint_else_its_latest_or_a_chosen_one(tmp_path):
     run = tmp_path / "run"
     first, second, third = random_llama(tie=True), random_llama(tie=True), random_llama(tie=True)
     run.mkdir()
@@ -471,7 +473,9 @@ def test_training_run_loads_its_latest_checkpoint_or_a_chosen_one(tmp_path):
     step100 = write_run_checkpoint(run, 100, first)
     step200 = write_run_checkpoint(run, 200, second)
     write_run_checkpoint(run, 300, third, latest=False)  # e.g. a save the index never recorded
-    assert_same_weights(second, load_pretrained(run))  # the index's latest
+    assert_same_weights(second, load_pretrained(run))  # no best recorded: the index's latest
+    write_json(run / "checkpoints.json", {"latest": step200.name, "best": step100.name})
+    assert_same_weights(first, load_pretrained(run))  # the best, by validation
     assert_same_weights(first, load_pretrained(step100))  # a step directory: config from its run
     assert_same_weights(second, load_pretrained(step200 / "model.safetensors"))
     assert find_tokenizer(step100) == run / "tokenizer.json"
@@ -564,7 +568,7 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path, where):
 
 
 def test_unknown_or_missing_paths(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="no such file or directory"):
         load_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a recognised checkpoint directory"):

@@ -1,13 +1,16 @@
 """Generation: cached = uncached, batched = unbatched, sampling is reproducible and filters
-correctly, lengths are checked. (Greedy parity with Hugging Face is in test_llama_model.py.)"""
+correctly, beam search, lengths are checked. (Greedy parity with Hugging Face is in
+test_llama_model.py.)"""
 
 import pytest
 import torch
 
+from fromscratch.blocks import sample_next_token, top_k_filter, top_p_filter
 from fromscratch.errors import UserError
-from fromscratch.llama import decode
-from fromscratch.llama.generate import generate, sample_next_token, top_k_filter, top_p_filter
-from fromscratch.llama.model import Llama, LlamaConfig
+from fromscratch.llama.config import LlamaConfig
+from fromscratch.llama.fast import PackedDecoder, accelerate
+from fromscratch.llama.generation import generate
+from fromscratch.llama.model import Llama
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +20,15 @@ def model():
     with torch.no_grad():  # sharper distributions than the 0.02 init, so tokens vary
         for p in model.parameters():
             p.mul_(5.0)
-    return model
+    return accelerate(model)
 
 
 @pytest.fixture(params=["packed", "forward"])
-def decoding(request, monkeypatch):
+def decoding(request, model, monkeypatch):
     """Run a test through both ways of decoding after the prompt: the packed one-token step
-    (decode.py, used for small models on a CPU) and Llama.forward with the cache (the rest)."""
-    if request.param == "forward":
-        monkeypatch.setattr(decode, "PACK_MAX_BYTES", -1)
+    (fast.py, what `accelerate` installs for small models on a CPU) and Llama.forward with the
+    cache (the plain model)."""
+    monkeypatch.setattr(model, "decode_step", PackedDecoder(model) if request.param == "packed" else None)
     return request.param
 
 
@@ -129,3 +132,33 @@ def test_lengths_are_checked(model):
         generate(model, [1, 2], 3, top_p=0.0)
     with pytest.raises(UserError, match="temperature"):
         generate(model, [1, 2], 3, temperature=-1)
+
+
+def test_nan_logits_and_a_nan_temperature_are_refused(model):
+    with pytest.raises(UserError, match="temperature"):
+        generate(model, [1, 2], 3, temperature=float("nan"))
+    broken = Llama(LlamaConfig.from_preset("tiny", max_seq_len=64)).eval()
+    with torch.no_grad():
+        broken.norm.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="NaN logits"):
+        generate(broken, [1, 2], 3, temperature=0.8)
+
+
+def test_beam_search_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model, decoding):
+    prompts = _prompts(model.config.vocab_size)
+    greedy = model.generate(prompts, 12, temperature=0)
+    assert model.generate(prompts, 12, beam_size=1, temperature=0) == greedy
+    # Beam 1 with α = 0 keeps the single best extension at every step: greedy.
+    assert model.generate(prompts, 12, beam_size=1, length_penalty=0.0, temperature=0) == greedy
+
+    def log_prob(row, prompt_len):
+        with torch.no_grad():
+            logits = model(torch.tensor([row[:-1]])).log_softmax(-1)[0]
+        return sum(logits[t - 1, row[t]].item() for t in range(prompt_len, len(row)))
+
+    beams = model.generate(prompts, 12, beam_size=4, length_penalty=0.0)
+    for beam, best, prompt in zip(beams, greedy, prompts):
+        assert len(beam) == len(prompt) + 12 and beam[:len(prompt)] == prompt
+        assert log_prob(beam, len(prompt)) >= log_prob(best, len(prompt)) - 1e-4
+    # A ragged batch decodes each prompt as it would alone.
+    assert beams == [model.generate(p, 12, beam_size=4, length_penalty=0.0) for p in prompts]

@@ -56,8 +56,8 @@ def test_cache_gives_the_same_log_probs_step_by_step():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rest, full[:, 2:], atol=1e-5, rtol=1e-5)
     assert cache.length == 6
-    assert cache.self_attention[0].key.shape == (3, 4, 6, 16)  # (B, n_heads, T, head_dim)
-    assert cache.cross_attention[0].key.shape == (3, 4, 7, 16)  # the source's, computed once
+    assert cache.self_attention.keys[0].shape == (3, 4, 6, 16)  # (B, n_heads, T, head_dim)
+    assert cache.cross_attention.keys[0].shape == (3, 4, 7, 16)  # the source's, computed once
 
 
 def test_beam_of_one_without_length_penalty_is_greedy():

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from fromscratch.errors import UserError
 from fromscratch.transformer.model import (
-    PRESETS,
+
     LayerNorm,
     Transformer,
     TransformerConfig,
@@ -210,7 +210,7 @@ def test_presets_and_table_3():
     assert (base.d_model, base.n_heads, base.n_encoder_layers, base.d_ff, base.dropout) == (512, 8, 6, 2048, 0.1)
     assert (big.d_model, big.n_heads, big.n_decoder_layers, big.d_ff, big.dropout) == (1024, 16, 6, 4096, 0.3)
     assert TransformerConfig.from_preset("tiny", d_model=32).d_model == 32
-    assert set(PRESETS) == {"tiny", "small", "base", "big"}
+    assert set(TransformerConfig.PRESETS) == {"tiny", "small", "base", "big"}
     with pytest.raises(UserError, match="tiny, small, base, big"):
         TransformerConfig.from_preset("huge")
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from fromscratch.transformer import demo_corpus
+from fromscratch import demo_corpus
 from fromscratch.transformer.data import load_corpora
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -143,7 +143,7 @@ def test_user_errors_are_one_line_without_traceback(data, tmp_path):
 
 def test_parser_wiring_and_paper_defaults():
     from fromscratch.cli import build_parser
-    from fromscratch.transformer.train import cmd_eval, cmd_run, cmd_train
+    from fromscratch.transformer.cli import cmd_eval, cmd_run, cmd_train
 
     parser = build_parser()
     args = parser.parse_args(["translate", "train", "--train", "a", "b", "--valid", "c", "--out", "o"])

@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fromscratch.engine import Trainer, load_run
+from fromscratch.checkpoints.runs import read_run
+from fromscratch.engine import Trainer
 from fromscratch.engine.checkpoint import checkpoint_dir, load_model_weights
 from fromscratch.engine.metrics import read_csv
 from fromscratch.errors import UserError
 from fromscratch.transformer.data import load_corpora
 from fromscratch.transformer.model import TransformerConfig
 from fromscratch.transformer.tokenizer import BPETokenizer
-from fromscratch.transformer.train import TranslationTask, evaluate_bleu, load_translator, paper_train_config
+from fromscratch.transformer.training import TranslationTask, paper_train_config
+from fromscratch.transformer.translation import evaluate_bleu, load_translator
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +125,12 @@ def test_training_lowers_the_loss_and_resume_is_exact(corpora, tokenizer, tmp_pa
     with pytest.raises(UserError, match="batch_tokens 300 → 301"):
         changed.check_resume(tmp_path / "b")
 
-    model, tok, run_dir = load_translator(tmp_path / "a")
-    assert run_dir == tmp_path / "a" and tok.vocab_size == tokenizer.vocab_size
-    state, _, _ = load_run(tmp_path / "a", which="best")
+    model, tok = load_translator(tmp_path / "a")
+    assert tok.vocab_size == tokenizer.vocab_size
+    state, _, step_dir, run_dir = read_run(tmp_path / "a", "transformer")
+    assert run_dir == tmp_path / "a" and step_dir == checkpoint_dir(tmp_path / "a", "best")  # the best one
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
-    single, _, _ = load_translator(checkpoint_dir(tmp_path / "a", "latest"))  # one checkpoint dir
+    single, _ = load_translator(checkpoint_dir(tmp_path / "a", "latest"))  # one checkpoint dir
     assert torch.equal(single.src_embedding.weight, a["src_embedding.weight"])
     with pytest.raises(UserError):
         load_translator(tmp_path / "nothing")
@@ -167,7 +170,7 @@ def test_bleu_is_computed_on_detokenised_text_in_order(corpora, tokenizer):
 def test_train_demo_smoke(tmp_path, monkeypatch):
     """`fromscratch demo`'s translation part runs end to end (the full 500 steps are measured by the
     demo itself; here a few steps only)."""
-    from fromscratch.transformer.train import train_demo
+    from fromscratch.transformer.training import train_demo
 
     monkeypatch.setattr(Trainer, "_plot", lambda self: None)
     result = train_demo(tmp_path / "demo", max_steps=20, quiet=True, device="cpu", n_examples=3)

@@ -2,7 +2,7 @@
 
 Layout of a run directory:
 
-    RUN_DIR/run.json                  the command, model config and training config of the run
+    RUN_DIR/run.json                  the model, command, model config and training config of the run
     RUN_DIR/model_config.json         the model's config (what `from_pretrained(RUN_DIR)` reads)
     RUN_DIR/checkpoints.json          {"latest": "step-00000200", "best": "step-00000100", ...}
     RUN_DIR/checkpoints/step-XXXXXXXX/
@@ -16,6 +16,10 @@ Nothing is pickled: every tensor is in safetensors and everything else in JSON, 
 checkpoint cannot run code. A checkpoint is written into a temporary directory, every file is
 fsync'ed, and only then is the directory renamed into place and the index replaced (rename is
 atomic on POSIX). A kill during a save therefore leaves the previous checkpoint and index intact.
+Every file is readable by all (0644), like any file the user writes.
+
+Which checkpoint a run directory stands for when a model is loaded from it (its best, else its
+latest) is decided in one place for every model: `fromscratch.checkpoints.resolve`.
 """
 
 import json
@@ -26,14 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from fromscratch.checkpoints.runs import INDEX, MODEL_CONFIG, MODEL_FILE, RUN_RECORD, load_model_weights, save_model_weights
+from fromscratch.checkpoints.safe import load_safetensors, read_json_object, save_safetensors
 from fromscratch.errors import UserError
 
-INDEX = "checkpoints.json"
-MODEL_FILE = "model.safetensors"
-MODEL_CONFIG = "model_config.json"
+__all__ = ["INDEX", "MODEL_CONFIG", "MODEL_FILE", "RUN_RECORD", "load_model_weights", "save_model_weights"]
 
 
 # --- atomic file primitives -------------------------------------------------------------------
@@ -64,50 +66,14 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_safetensors(tensors, path, metadata)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-# --- model weights ----------------------------------------------------------------------------
-
-
-def unique_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop entries that share storage with an earlier one (tied weights); return (unique, aliases)."""
-    seen: dict[tuple, str] = {}
-    unique, aliases = {}, {}
-    for name, tensor in state_dict.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = tensor
-    return unique, aliases
-
-
-def save_model_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    unique, aliases = unique_state_dict(state_dict)
-    save_tensors(unique, path, metadata={"aliases": json.dumps(aliases)})
-
-
-def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read weights written by `save_model_weights`, restoring tied (aliased) names."""
-    from safetensors import safe_open
-
-    tensors = load_tensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    for name, target in aliases.items():
-        tensors[name] = tensors[target]
-    return tensors
+    """Any tensors (optimizer moments, RNG states) of a safetensors file we wrote."""
+    return load_safetensors(path, float_only=False)
 
 
 # --- RNG state --------------------------------------------------------------------------------
@@ -178,13 +144,15 @@ def read_index(run_dir: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is corrupt ({e}); the checkpoints themselves are in {path.parent / 'checkpoints'}") from None
+        return read_json_object(path)
+    except UserError as e:
+        raise UserError(f"{e}; the index is corrupt (the checkpoints themselves are in "
+                        f"{path.parent / 'checkpoints'})") from None
 
 
 def checkpoint_dir(run_dir: Path, which: str = "latest") -> Path | None:
-    """The directory of the run's latest (or best) checkpoint, or None if it has none."""
+    """The directory of the run's latest (or best) checkpoint, or None if it has none (what
+    --resume continues from; loading a model from a run follows `fromscratch.checkpoints.resolve`)."""
     index = read_index(run_dir)
     name = index.get(which) or index.get("latest")
     return Path(run_dir) / "checkpoints" / name if name else None
@@ -246,23 +214,3 @@ def remove_stale_temporaries(run_dir: Path) -> None:
     if root.is_dir():
         for p in root.glob(".step-*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def load_run(path: str | Path, which: str = "best") -> tuple[dict[str, torch.Tensor], dict, Path]:
-    """Weights and model config of a training run: (state_dict, model_config_dict, run_dir).
-
-    `path` is a run directory (its best checkpoint, else its latest) or one checkpoint directory.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    if (path / MODEL_FILE).exists():
-        ckpt, run_dir = path, path.parent.parent if path.parent.name == "checkpoints" else path
-    else:
-        ckpt, run_dir = checkpoint_dir(path, which), path
-        if ckpt is None:
-            raise UserError(f"{path} holds no checkpoint (no {INDEX} and no {MODEL_FILE})")
-    config_path = next((p / MODEL_CONFIG for p in (ckpt, run_dir) if (p / MODEL_CONFIG).exists()), None)
-    if config_path is None:
-        raise UserError(f"no {MODEL_CONFIG} in {ckpt} or {run_dir}")
-    return load_model_weights(ckpt / MODEL_FILE), json.loads(config_path.read_text()), run_dir

@@ -1,7 +1,11 @@
 """The training engine's settings, and the command-line flags every `train` sub-command shares."""
 
 import argparse
+import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from fromscratch.errors import UserError
 
@@ -53,13 +57,54 @@ class TrainConfig:
             raise UserError(f"--on-nan {self.on_nan!r}: choose 'stop' or 'skip'")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be ≥ 0, got {self.warmup_steps}")
+        # NaN fails every comparison, so `not x > 0` also refuses it.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{flag(name)} must be a number ≥ 0, got {value}")
+        for name in ("max_minutes", "peak_flops"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{flag(name)} must be a positive number, got {value}")
+        if not (math.isfinite(self.eps) and self.eps > 0) or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"Adam needs eps > 0 and betas in [0, 1), got eps={self.eps}, betas={self.betas}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("RESUMABLE_CHANGES")
         d["betas"] = list(self.betas)
         return d
+
+    def check_out_dir(self) -> None:
+        """Fail now, before any work, if the run directory cannot be made and written."""
+        check_out_dir(self.out_dir)
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """UserError unless `out_dir` is a directory we can write, or one we can create: it must not
+    be a file, nor lie under one, and its nearest existing ancestor must be writable."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is a file, not a directory")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--out {path}: {ancestor} is a file, so no directory can be made under it")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write in {ancestor} ({e.strerror or e})") from None
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:
@@ -88,13 +133,24 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig |
     g.add_argument("--max-minutes", type=float, default=None, help="stop and save after this much wall time")
 
 
+def make_train_config(defaults: TrainConfig, out: str | os.PathLike, **options) -> TrainConfig:
+    """`defaults` with the engine options given (None: keep the default) and `out` as the run
+    directory; every value checked (UserError for an unknown option or an impossible value)."""
+    base = defaults.to_dict()
+    unknown = sorted(set(options) - set(base))
+    if unknown:
+        raise UserError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(base))}")
+    base.update({name: value for name, value in options.items() if value is not None})
+    base["out_dir"] = str(out)
+    return TrainConfig(**base)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine's options among parsed command-line flags (`add_train_arguments`)."""
+    names = {f.name for f in fields(TrainConfig)} - {"out_dir", "RESUMABLE_CHANGES"}
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
 def train_config_from_args(args: argparse.Namespace, defaults: TrainConfig | None = None) -> TrainConfig:
     """Merge the parsed shared flags into the model's default TrainConfig."""
-    base = asdict(defaults or TrainConfig())
-    base.pop("RESUMABLE_CHANGES")
-    names = {f.name for f in fields(TrainConfig)}
-    for name in names:
-        if hasattr(args, name) and getattr(args, name) is not None:
-            base[name] = getattr(args, name)
-    base["out_dir"] = args.out
-    return TrainConfig(**base)
+    return make_train_config(defaults or TrainConfig(), args.out, **engine_options(args))

@@ -32,16 +32,6 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
 
 
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    return device
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

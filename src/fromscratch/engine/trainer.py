@@ -14,6 +14,10 @@ The engine knows nothing about any model. A *task* supplies the model-specific p
     task.best_metric, best_mode     which evaluate() key picks the best checkpoint
                                     (default "val_loss", "min")
     task.fsdp_modules()             sub-modules to shard one by one under --fsdp (optional)
+    task.model_name                 which model the run belongs to ("llama", ...), recorded in
+                                    run.json so that a run is never resumed or loaded as another
+    task.after_step(model, dist)    called after each optimizer step (optional; e.g. the MoE's
+                                    bias balancing)
 
 Why the loss is a *sum*: the global batch is split over P processes and A accumulation steps.
 Each micro-batch's summed loss is back-propagated, the token count is all-reduced, and the
@@ -36,18 +40,15 @@ import torch
 from tqdm.auto import tqdm
 
 import fromscratch
+from fromscratch.checkpoints.runs import check_run_model
+from fromscratch.checkpoints.safe import read_json_object
+from fromscratch.devices import resolve_device
 from fromscratch.engine import checkpoint as ckpt
 from fromscratch.engine.config import TrainConfig
-from fromscratch.engine.distributed import (
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    resolve_device,
-    shutdown,
-)
+from fromscratch.engine.distributed import all_reduce_sum, barrier, init_distributed, shutdown
 from fromscratch.engine.metrics import CSVLog, TensorBoard, device_peak_flops
 from fromscratch.engine.schedules import learning_rate
-from fromscratch.errors import UserError
+from fromscratch.errors import Interrupted, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,12 +77,6 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     return [{k: (parts[k][i] if k in parts else v) for k, v in batch.items()} for i in range(n)]
 
 
-def _device_type(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name).type
-
-
 class Trainer:
     def __init__(self, task, config: TrainConfig, command: list[str] | None = None):
         self.task, self.config = task, config
@@ -89,12 +84,14 @@ class Trainer:
         self.run_dir = Path(config.out_dir)
         self.best_metric = getattr(task, "best_metric", "val_loss")
         self.best_mode = getattr(task, "best_mode", "min")
+        self.model_name = getattr(task, "model_name", type(task).__name__)
         # Everything that can be wrong with the arguments fails here, before any work starts.
-        device_type = _device_type(config.device)
-        if device_type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {config.device}: no CUDA device is available here")
-        self.dist = init_distributed(device_type)
-        self.device = resolve_device(config.device, self.dist)
+        config.check_out_dir()
+        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = init_distributed(device.type)
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         chunks = self.dist.world_size * config.grad_accum
         if config.batch_size % chunks:
             raise UserError(
@@ -119,7 +116,8 @@ class Trainer:
                 "pass --resume to continue it, or choose another --out"
             )
         if self.config.resume:
-            record = json.loads((self.run_dir / "run.json").read_text())
+            check_run_model(self.run_dir, self.model_name)
+            record = read_json_object(self.run_dir / ckpt.RUN_RECORD)
             problems = [
                 f"{key}={record['model_config'].get(key)!r} (asked now: {value!r})"
                 for key, value in self.task.model_config.to_dict().items()
@@ -145,6 +143,7 @@ class Trainer:
             record.setdefault("resumes", []).append(entry)
         else:
             record = {
+                "model": self.model_name,
                 **entry,
                 "task": type(self.task).__name__,
                 "model_config": self.task.model_config.to_dict(),
@@ -350,6 +349,8 @@ class Trainer:
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
+                    if hasattr(self.task, "after_step"):
+                        self.task.after_step(model, info)
                 tokens_seen += global_tokens
                 now = time.perf_counter()
                 tokens_per_sec = global_tokens / max(now - timer, 1e-9)
@@ -399,4 +400,7 @@ class Trainer:
             if board:
                 board.close()
             shutdown(info)
+        if self._stop_signal is not None:
+            raise Interrupted(self._stop_signal, f"stopped by signal {self._stop_signal} at step {step}; "
+                                                 f"checkpoint saved in {self.run_dir}")
         return {"step": step, "train": last, "eval": evals, "best": best, "run_dir": str(self.run_dir)}

@@ -5,19 +5,28 @@
     fromscratch llama convert --checkpoint PATH --out DIR
 
 `--checkpoint` is any format `Llama.from_pretrained` reads: a Hugging Face or Meta directory,
-a llama2.c `.bin`, or a `fromscratch llama train` run directory (its latest checkpoint).
+a llama2.c `.bin`, a `fromscratch llama train` run directory (its best checkpoint, else its
+latest), or a hub name. Each verb calls the Python function a user would (`train`, `generate`,
+`convert`).
 """
 
 import sys
 from pathlib import Path
 
-from fromscratch.engine import add_train_arguments
+from fromscratch.blocks import check_sampling_options
+from fromscratch.devices import resolve_device
+from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
+from fromscratch.inputs import checked_text
+from fromscratch.llama.checkpoints import build_model, convert, find_tokenizer, read_checkpoint
+from fromscratch.llama.fast import accelerate
+from fromscratch.llama.model import Llama
+from fromscratch.llama.tokenizer import Tokenizer
+from fromscratch.llama.training import DEFAULTS, train
 
 
-def add_llama_commands(commands) -> None:
-    from fromscratch.llama.train import DEFAULTS
-
+def register(commands) -> None:
+    """`fromscratch llama ...`: the sub-commands this package contributes to the CLI."""
     llama = commands.add_parser("llama", help="Llama 2: train, generate, convert checkpoints")
     verbs = llama.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -58,9 +67,8 @@ def add_llama_commands(commands) -> None:
 
 
 def train_command(args) -> None:
-    from fromscratch.llama.train import train_command as train
-
-    train(args)
+    train(args.data, args.out, preset=args.preset, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+          seq_len=args.seq_len, command=["fromscratch", *sys.argv[1:]], **engine_options(args))
 
 
 class _EndOfText(Exception):
@@ -73,28 +81,31 @@ def generate_command(args) -> None:
     Decoding stops at EOS, and also at BOS: in text tokenized the way `llama train` (and
     llama2.c) does it, a BOS starts the next document, so what follows is unrelated to the prompt.
     """
-    import torch
+    prompt_text = checked_text(args.prompt, "--prompt")
+    check_sampling_options(args.temperature, args.top_k, args.top_p)
+    device = resolve_device(args.device)
+    ckpt = read_checkpoint(args.checkpoint)
+    model = accelerate(build_model(Llama, ckpt).to(device).eval())
+    print_generation(model, checkpoint_tokenizer(args, ckpt.path), prompt_text, args)
 
-    from fromscratch.llama.checkpoints import find_tokenizer
-    from fromscratch.llama.model import Llama
-    from fromscratch.llama.tokenizer import Tokenizer
 
-    if not Path(args.checkpoint).exists():
-        raise UserError(f"--checkpoint {args.checkpoint}: no such file or directory")
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(args.checkpoint)
+def checkpoint_tokenizer(args, checkpoint_path: Path) -> Tokenizer:
+    """--tokenizer, or the one found next to the checkpoint."""
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(checkpoint_path)
     if tokenizer_path is None:
         raise UserError(f"no tokenizer.model or tokenizer.json next to {args.checkpoint}; pass --tokenizer PATH")
-    tokenizer = Tokenizer(tokenizer_path)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device is available here")
-    model = Llama.from_pretrained(args.checkpoint).to(device).eval()
+    return Tokenizer(tokenizer_path)
+
+
+def print_generation(model, tokenizer: Tokenizer, prompt_text: str, args) -> None:
+    """Continue `prompt_text` with `model` (Llama, or a model built on it) as `llama generate`'s
+    flags say, printing the text as it grows."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
-            f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.vocab_size}: they do not belong together; pass the model's own --tokenizer"
         )
-    prompt = tokenizer.encode(args.prompt, bos=tokenizer.bos_id is not None)
+    prompt = tokenizer.encode(prompt_text, bos=tokenizer.bos_id is not None)
     context = model.config.max_seq_len
     if len(prompt) >= context:
         how = "longer than" if len(prompt) > context else "as long as"
@@ -140,8 +151,6 @@ def generate_command(args) -> None:
 
 
 def convert_command(args) -> None:
-    from fromscratch.llama.checkpoints import convert
-
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UserError(f"--tokenizer {args.tokenizer}: no such file")
     out = convert(args.checkpoint, args.out, tokenizer_path=args.tokenizer)

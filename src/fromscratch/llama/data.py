@@ -28,8 +28,8 @@ def is_hub(source: str) -> bool:
 
 
 def check_sources(sources: list[str]) -> None:
-    """Fail before any work on a data path that does not exist, a file that is not UTF-8 text,
-    or a malformed hub name."""
+    """Fail before any work on a data path that does not exist, a file that is not UTF-8 text or
+    holds nothing but whitespace, or a malformed hub name."""
     for source in sources:
         if is_hub(source):
             if not source[3:].split(":")[0]:
@@ -41,13 +41,14 @@ def check_sources(sources: list[str]) -> None:
 
 
 def check_utf8(path: Path, chunk_size: int = 1 << 24) -> None:
-    """Read `path` through a UTF-8 decoder, chunk by chunk; fail naming the file and the byte."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    """Read `path` through a UTF-8 decoder, chunk by chunk; fail naming the file and the byte,
+    or when it holds no text at all (empty, or whitespace only)."""
+    decoder, offset, has_text = codecs.getincrementaldecoder("utf-8")(), 0, False
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             pending = len(decoder.getstate()[0])  # bytes of a character split by the last chunk
             try:
-                decoder.decode(chunk)
+                has_text = bool(decoder.decode(chunk).strip()) or has_text
             except UnicodeDecodeError as e:
                 raise UserError(f"{path}: not UTF-8 text (byte {offset - pending + e.start}: {e.reason})") from None
             offset += len(chunk)
@@ -55,6 +56,8 @@ def check_utf8(path: Path, chunk_size: int = 1 << 24) -> None:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text (it ends inside a character: {e.reason})") from None
+    if not has_text:
+        raise UserError(f"{path} is empty: it holds no text to train on" + (" (only whitespace)" if offset else ""))
 
 
 def paragraphs_from_file(path: Path) -> Iterator[str]:

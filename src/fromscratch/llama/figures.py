@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from fromscratch.llama.model import PRESETS, LlamaConfig, apply_rope, precompute_rope_rotations
+from fromscratch.llama.config import LlamaConfig
+from fromscratch.llama.model import apply_rope, precompute_rope_rotations
 
 
 def kv_cache_bytes(config: LlamaConfig, seq_len: int, batch_size: int = 1, bytes_per_value: int = 2) -> int:
@@ -81,7 +82,7 @@ def plot_kv_cache_memory(path, max_seq_len: int = 32768) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lengths = list(range(0, max_seq_len + 1, 512))
     for ax, name in zip(axes, ("7b", "70b")):
-        base = PRESETS[name]
+        base = LlamaConfig.from_preset(name)
         for label, kv_heads in [(f"MHA ({base.n_heads} kv heads)", base.n_heads),
                                 ("GQA (8 kv heads)", 8), ("MQA (1 kv head)", 1)]:
             if kv_heads == base.kv_heads:

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from fromscratch import demo_corpus
 from fromscratch.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,17 @@ def load_opus100(split: str, config: str = "en-id", **kwargs) -> ParallelCorpus:
     return corpus_from_hf(ds, src_lang, tgt_lang, name=f"opus100-{config}-{split}", **kwargs)
 
 
+def load_demo_split(split: str) -> ParallelCorpus:
+    """The shipped everyday-sentences corpus (`fromscratch.demo_corpus`): split "train", "test"
+    (every TEST_EVERY-th pair, held out) or "all"."""
+    if split not in ("train", "test", "all"):
+        raise UserError(f"the demo corpus has splits train, test and all, not {split!r}")
+    corpus = read_parallel(demo_corpus.DATA_DIR / demo_corpus.NAME, max_chars=None)
+    if split == "all":
+        return corpus
+    return corpus.select(i for i in range(len(corpus)) if demo_corpus.is_test(i) == (split == "test"))
+
+
 def load_corpora(specs: Sequence[str], max_chars: int | None = DEFAULT_MAX_CHARS, log: bool = True) -> ParallelCorpus:
     """Read and concatenate corpora named as in the module docstring (prefixes, demo:, opus100:)."""
     if not specs:
@@ -255,9 +267,7 @@ def load_corpora(specs: Sequence[str], max_chars: int | None = DEFAULT_MAX_CHARS
     for spec in specs:
         spec = str(spec)
         if spec.startswith("demo:"):
-            from fromscratch.transformer import demo_corpus
-
-            parts.append(demo_corpus.load_split(spec.split(":", 1)[1]))
+            parts.append(load_demo_split(spec.split(":", 1)[1]))
         elif spec.startswith("opus100:"):
             parts.append(load_opus100(spec.split(":", 1)[1], max_chars=max_chars, log=log))
         else:

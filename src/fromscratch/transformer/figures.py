@@ -60,7 +60,7 @@ def cross_attention_weights(model: Transformer, src_ids: torch.Tensor, out_ids: 
     decoder reads [BOS] + out_ids[:, :-1] (teacher forcing: row t is the attention that
     produced out_ids[:, t])."""
     config = model.config
-    bos = torch.full((out_ids.size(0), 1), config.bos_id, dtype=torch.long, device=out_ids.device)
+    bos = torch.full((out_ids.size(0), 1), config.start_id, dtype=torch.long, device=out_ids.device)
     attentions = [layer.cross_attention for layer in model.decoder_layers]
     was_training = model.training
     model.eval()
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         print(plot_positional_encoding(out / "positional_encoding.png"))
         if args.checkpoint:
-            from fromscratch.transformer.train import load_translator
+            from fromscratch.transformer.translation import load_translator
 
-            model, tokenizer, _ = load_translator(args.checkpoint, device="cpu")
+            model, tokenizer = load_translator(args.checkpoint, device="cpu")
             path = plot_cross_attention(model, tokenizer, args.sentence, out / args.name, layer=args.layer,
                                         head=args.head, beam_size=args.beam)
             print(path)

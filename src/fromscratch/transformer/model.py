@@ -1,15 +1,15 @@
 """The Transformer of Vaswani et al. (2017), "Attention Is All You Need", §3 (Figure 1).
 
-The file follows the paper's order:
-    TransformerConfig       the hyper-parameters of Table 3, with named presets
+The file follows the paper's order (the hyper-parameters of Table 3 are `TransformerConfig`,
+in config.py):
     LayerNorm               §3.1 (Ba et al. 2016), used as LayerNorm(x + Sublayer(x))
-    MultiHeadAttention      §3.2.2, over scaled dot-product attention §3.2.1 (attention.py)
+    MultiHeadAttention      §3.2.2, over scaled dot-product attention §3.2.1 (fromscratch.blocks)
     FeedForward             §3.3   FFN(x) = max(0, x W1 + b1) W2 + b2
     sinusoidal_positions    §3.5
     EncoderLayer,
     DecoderLayer            §3.1, the two stacks of Figure 1
     Transformer             embeddings × √d_model with tied weights (§3.4), the stacks, the
-                            output projection; `generate` (§6.1) lives in decoding.py
+                            output projection; `generate` (§6.1) is in decoding.py
 
 Where the code departs from, or adds to, the paper:
 - `norm_first=True` gives pre-norm layers, x + Dropout(Sublayer(LayerNorm(x))), and a final
@@ -19,71 +19,25 @@ Where the code departs from, or adds to, the paper:
   on the embedding + position sums. PyTorch and tensor2tensor also drop attention weights and
   the FFN's hidden units; we do not.
 - The paper does not say whether its projections have biases; we keep them, like PyTorch.
-- `KVCache` / `DecoderCache` let the decoder run one new position at a time during generation
-  (an implementation device, not part of the paper).
+- Switches for the published OPUS-MT (Marian) models, all off by default: the FFN's activation
+  (Marian uses swish), the sinusoid table's layout (Marian stores the sines of all frequencies
+  first, then the cosines), a bias on the output logits, and the decoder's start token (Marian
+  starts from the padding token).
+- A `DecoderCache` (two `fromscratch.blocks.KVCache`) lets the decoder run one new position at
+  a time during generation (an implementation device, not part of the paper).
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from fromscratch.blocks import KVCache, scaled_dot_product_attention
 from fromscratch.errors import UserError
-from fromscratch.transformer.attention import scaled_dot_product_attention
-from fromscratch.transformer.decoding import beam_search, greedy_decode
-
-
-@dataclass
-class TransformerConfig:
-    vocab_size: int = 32000  # one joint source/target vocabulary (§5.1: shared BPE)
-    d_model: int = 512
-    n_heads: int = 8  # h in §3.2.2
-    n_encoder_layers: int = 6  # N in §3.1
-    n_decoder_layers: int = 6
-    d_ff: int = 2048  # inner size of the FFN, §3.3
-    dropout: float = 0.1  # P_drop in §5.4
-    max_seq_len: int = 1024  # rows of the sinusoidal table; longer sequences are refused
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    norm_first: bool = False  # False: post-norm, as in the paper; True: pre-norm
-    share_embeddings: bool = True  # §3.4: source emb = target emb = output projection
-    norm_eps: float = 1e-5
-    use_sdpa: bool = True  # PyTorch's fused attention kernel; False: the explicit maths
-
-    def __post_init__(self):
-        if self.d_model % self.n_heads or self.d_model % 2:
-            raise UserError(
-                f"d_model={self.d_model} must be even and divisible by n_heads={self.n_heads}"
-            )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TransformerConfig":
-        if name not in PRESETS:
-            raise UserError(f"unknown Transformer preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TransformerConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise UserError(f"unknown TransformerConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
-
-
-PRESETS = {
-    # tests and a CPU demo that trains in minutes
-    "tiny": dict(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=256),
-    # what a CPU can train in hours
-    "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024),
-    # Table 3
-    "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, dropout=0.1),
-    "big": dict(d_model=1024, n_heads=16, n_encoder_layers=6, n_decoder_layers=6, d_ff=4096, dropout=0.3),
-}
+from fromscratch.transformer import checkpoints, decoding
+from fromscratch.transformer.config import TransformerConfig
 
 
 class LayerNorm(nn.Module):
@@ -101,30 +55,6 @@ class LayerNorm(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
-class KVCache:
-    """The keys and values, (B, n_heads, T, head_dim), one attention keeps between decoding steps.
-
-    A self-attention cache grows by the new positions at every step. A static one
-    (cross-attention) holds the keys and values of the encoder output, computed on the first step.
-    """
-
-    def __init__(self, static: bool = False):
-        self.static = static
-        self.key: torch.Tensor | None = None
-        self.value: torch.Tensor | None = None
-
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.key is not None and not self.static:
-            key, value = torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2)
-        self.key, self.value = key, value
-        return key, value
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search moves the cache along with its beams)."""
-        if self.key is not None:
-            self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
-
-
 class MultiHeadAttention(nn.Module):
     """Multi-head attention, §3.2.2:
 
@@ -132,12 +62,14 @@ class MultiHeadAttention(nn.Module):
 
     The h projections W_i^Q (d_model × d_k) sit side by side in one d_model × d_model linear
     layer, `q_proj`, and likewise for K and V; `split_heads` cuts its output into the h heads.
+    `layer_index` says which slot of a `KVCache` holds this attention's keys and values.
     """
 
-    def __init__(self, d_model: int, n_heads: int, use_sdpa: bool = True):
+    def __init__(self, d_model: int, n_heads: int, use_sdpa: bool = True, layer_index: int = 0):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads  # d_k = d_v = d_model / h
+        self.layer_index = layer_index
         self.q_proj = nn.Linear(d_model, d_model)  # W^Q
         self.k_proj = nn.Linear(d_model, d_model)  # W^K
         self.v_proj = nn.Linear(d_model, d_model)  # W^V
@@ -154,15 +86,17 @@ class MultiHeadAttention(nn.Module):
         """Queries from x (B, T_q, d_model); keys and values from context (B, T_k, d_model), which
         is x itself for self-attention and the encoder output for cross-attention.
         mask: bool, broadcastable to (B, n_heads, T_q, T_k), True where attention is allowed.
+        cache: this attention's keys and values of earlier steps (self-attention), or of the
+        encoder output once projected (cross-attention, a static cache).
         Returns (B, T_q, d_model)."""
         q = self.split_heads(self.q_proj(x))  # (B, n_heads, T_q, head_dim)
-        if cache is not None and cache.static and cache.key is not None:
-            k, v = cache.key, cache.value  # the encoder output's, projected on the first step
+        if cache is not None and cache.static and cache.holds(self.layer_index):
+            k, v = cache.keys[self.layer_index], cache.values[self.layer_index]  # projected on step 1
         else:
             k = self.split_heads(self.k_proj(context))  # (B, n_heads, T_k, head_dim)
             v = self.split_heads(self.v_proj(context))
             if cache is not None:
-                k, v = cache.update(k, v)  # self-attention: prepend the earlier positions
+                k, v = cache.update(self.layer_index, k, v)  # self-attention: after the earlier positions
         out = scaled_dot_product_attention(q, k, v, mask, is_causal, use_sdpa=self.use_sdpa)
         if self.record_weights:
             # softmax(QKᵀ/√d_k) · I is the weight matrix itself, with exactly the same masking.
@@ -172,26 +106,38 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # Concat(heads) W^O
 
 
-class FeedForward(nn.Module):
-    """Position-wise feed-forward network, §3.3: FFN(x) = max(0, x W1 + b1) W2 + b2."""
+ACTIVATION_FUNCTIONS = {"relu": torch.relu, "swish": F.silu, "gelu": F.gelu}
 
-    def __init__(self, d_model: int, d_ff: int):
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network, §3.3: FFN(x) = max(0, x W1 + b1) W2 + b2.
+
+    `activation` replaces max(0, ·) when asked: swish(u) = u·σ(u) (Marian) or GELU."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu"):
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
+        self.activation = ACTIVATION_FUNCTIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_2(torch.relu(self.w_1(x)))  # (B, T, d_ff) inside
+        return self.w_2(self.activation(self.w_1(x)))  # (B, T, d_ff) inside
 
 
-def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
+def sinusoidal_positions(n_positions: int, d_model: int, layout: str = "interleaved") -> torch.Tensor:
     """§3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
+
+    layout "halves" holds the same numbers with the sines of all frequencies first and then
+    the cosines (column i is sin, column d_model/2 + i is cos), as Marian's table is stored.
     Returns (n_positions, d_model)."""
     pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64)
     angles = pos / 10000 ** (two_i / d_model)  # (n_positions, d_model / 2)
     pe = torch.empty(n_positions, d_model, dtype=torch.float64)
-    pe[:, 0::2], pe[:, 1::2] = angles.sin(), angles.cos()
+    if layout == "halves":
+        pe[:, : d_model // 2], pe[:, d_model // 2 :] = angles.sin(), angles.cos()
+    else:
+        pe[:, 0::2], pe[:, 1::2] = angles.sin(), angles.cos()
     return pe.float()
 
 
@@ -220,7 +166,7 @@ class EncoderLayer(ResidualLayer):
     def __init__(self, config: TransformerConfig):
         super().__init__(config, n_sublayers=2)
         self.self_attention = MultiHeadAttention(config.d_model, config.n_heads, config.use_sdpa)
-        self.feed_forward = FeedForward(config.d_model, config.d_ff)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.activation)
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """x: (B, S, d_model); src_mask: (B, 1, 1, S), False at padding. Returns (B, S, d_model)."""
@@ -232,16 +178,17 @@ class DecoderLayer(ResidualLayer):
     """A decoder layer, §3.1: masked self-attention (position i sees positions ≤ i), attention
     over the encoder output ("encoder-decoder attention", §3.2.3), then the FFN."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, layer_index: int = 0):
         super().__init__(config, n_sublayers=3)
-        self.self_attention = MultiHeadAttention(config.d_model, config.n_heads, config.use_sdpa)
-        self.cross_attention = MultiHeadAttention(config.d_model, config.n_heads, config.use_sdpa)
-        self.feed_forward = FeedForward(config.d_model, config.d_ff)
+        self.self_attention = MultiHeadAttention(config.d_model, config.n_heads, config.use_sdpa, layer_index)
+        self.cross_attention = MultiHeadAttention(config.d_model, config.n_heads, config.use_sdpa, layer_index)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.activation)
 
-    def forward(self, x, memory, src_mask, self_cache=None, cross_cache=None):
+    def forward(self, x, memory, src_mask, cache: "DecoderCache | None" = None):
         """x: (B, T, d_model) target positions; memory: (B, S, d_model) encoder output;
-        src_mask: (B, 1, 1, S). The caches are this layer's when decoding incrementally.
-        Returns (B, T, d_model)."""
+        src_mask: (B, 1, 1, S). `cache` holds every decoder layer's keys and values when
+        decoding incrementally. Returns (B, T, d_model)."""
+        self_cache, cross_cache = (None, None) if cache is None else (cache.self_attention, cache.cross_attention)
         # Right-padded targets need no padding mask: the causal mask already hides every pad
         # from every real position before it.
         x = self.residual(x, 0, lambda h: self.self_attention(h, h, is_causal=True, cache=self_cache))
@@ -249,18 +196,23 @@ class DecoderLayer(ResidualLayer):
         return self.residual(x, 2, self.feed_forward)
 
 
+@dataclass
 class DecoderCache:
-    """Everything the decoder keeps between generation steps: each layer's self- and
-    cross-attention KVCache, and how many target positions are done (where the next start)."""
+    """What the decoder keeps between generation steps: every layer's self-attention keys and
+    values (one more position per step) and its cross-attention keys and values of the encoder
+    output (projected on the first step, then reused)."""
 
-    def __init__(self, n_layers: int):
-        self.self_attention = [KVCache() for _ in range(n_layers)]
-        self.cross_attention = [KVCache(static=True) for _ in range(n_layers)]
-        self.length = 0
+    self_attention: KVCache
+    cross_attention: KVCache
 
-    def reorder(self, index: torch.Tensor) -> None:
-        for cache in self.self_attention + self.cross_attention:
-            cache.reorder(index)
+    @property
+    def length(self) -> int:
+        """Target positions decoded so far: where the next one starts."""
+        return self.self_attention.length
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.self_attention.reorder(rows)
+        self.cross_attention.reorder(rows)
 
 
 class Transformer(nn.Module):
@@ -273,11 +225,14 @@ class Transformer(nn.Module):
         self.tgt_embedding = (
             self.src_embedding if config.share_embeddings else nn.Embedding(config.vocab_size, config.d_model)
         )
-        # Derived from the config, so not saved in checkpoints.
-        self.register_buffer("positions", sinusoidal_positions(config.max_seq_len, config.d_model), persistent=False)
+        # Derived from the config, so not saved in checkpoints; made on the CPU even when the
+        # model is built on the meta device (as checkpoints.py does to load weights).
+        with torch.device("cpu"):
+            table = sinusoidal_positions(config.max_seq_len, config.d_model, config.positions)
+        self.register_buffer("positions", table, persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_decoder_layers))
         # Pre-norm leaves each stack's output un-normalised, so each stack ends with a LayerNorm.
         self.encoder_norm = LayerNorm(config.d_model, config.norm_eps) if config.norm_first else None
         self.decoder_norm = LayerNorm(config.d_model, config.norm_eps) if config.norm_first else None
@@ -285,6 +240,8 @@ class Transformer(nn.Module):
         self.output_projection = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.share_embeddings:
             self.output_projection.weight = self.src_embedding.weight
+        # Marian adds a learned bias to the logits; the paper has none.
+        self.logits_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.logits_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -308,7 +265,8 @@ class Transformer(nn.Module):
                 f"a sequence of {end} positions is longer than max_seq_len={self.config.max_seq_len}; "
                 "shorten the input or build the model with a larger max_seq_len"
             )
-        x = embedding(ids) * math.sqrt(self.config.d_model) + self.positions[start:end]
+        scale = math.sqrt(self.config.d_model) if self.config.scale_embeddings else 1.0
+        x = embedding(ids) * scale + self.positions[start:end]
         return self.dropout(x)
 
     def encode(self, src_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,38 +282,40 @@ class Transformer(nn.Module):
         With a cache, tgt_ids are only the new positions after cache.length, and the cache grows."""
         start = 0 if cache is None else cache.length
         x = self.embed(tgt_ids, self.tgt_embedding, start)
-        for i, layer in enumerate(self.decoder_layers):
-            caches = (None, None) if cache is None else (cache.self_attention[i], cache.cross_attention[i])
-            x = layer(x, memory, src_mask, *caches)
+        for layer in self.decoder_layers:
+            x = layer(x, memory, src_mask, cache)
         if cache is not None:
-            cache.length += tgt_ids.size(1)
+            cache.self_attention.advance(tgt_ids.size(1))
         return x if self.decoder_norm is None else self.decoder_norm(x)
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache(self.config.n_decoder_layers)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder output (…, d_model) → next-token logits (…, vocab_size), §3.4."""
+        logits = self.output_projection(hidden)
+        return logits if self.logits_bias is None else logits + self.logits_bias
+
+    def new_cache(self, max_len: int | None = None) -> DecoderCache:
+        """An empty cache for incremental decoding: preallocated for `max_len` target positions,
+        or growing when None."""
+        n_layers = self.config.n_decoder_layers
+        return DecoderCache(KVCache(n_layers, max_len=max_len), KVCache(n_layers, static=True))
 
     def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
         """src_ids (B, S); tgt_ids (B, T), the decoder input: the target shifted right, starting
-        with BOS. Returns logits (B, T, vocab_size) for the next token at each position."""
+        with the start token (BOS). Returns logits (B, T, vocab_size) for the next token at each position."""
         memory, src_mask = self.encode(src_ids)
-        return self.output_projection(self.decode(tgt_ids, memory, src_mask))
+        return self.logits(self.decode(tgt_ids, memory, src_mask))
 
-    @torch.no_grad()
-    def generate(self, src_ids, max_new_tokens=None, beam_size=1, length_penalty=0.6, use_cache=True):
-        """Translate src_ids (B, S): greedy when beam_size == 1, else beam search with the GNMT
-        length penalty α = length_penalty (§6.1 uses beam 4, α 0.6). Stops at EOS or after
-        max_new_tokens (default: source length + 50, §6.1; at most max_seq_len).
-        Returns (B, L): no leading BOS, the EOS when produced, right-padded with pad_id."""
-        if beam_size < 1:
-            raise UserError(f"beam_size must be at least 1, got {beam_size}")
-        if max_new_tokens is None:
-            max_new_tokens = int((src_ids != self.config.pad_id).sum(dim=1).max()) + 50
-        max_new_tokens = min(max_new_tokens, self.config.max_seq_len)
-        was_training = self.training
-        self.eval()  # dropout would make generation random (and cached ≠ uncached)
-        try:
-            if beam_size == 1:
-                return greedy_decode(self, src_ids, max_new_tokens, use_cache=use_cache)
-            return beam_search(self, src_ids, max_new_tokens, beam_size, length_penalty, use_cache=use_cache)
-        finally:
-            self.train(was_training)
+    def generate(self, src_ids: torch.Tensor, max_new_tokens: int | None = None, beam_size: int = 1,
+                 length_penalty: float = 0.6, use_cache: bool = True, **sampling) -> torch.Tensor:
+        """Translate src_ids (B, S): see `fromscratch.transformer.decoding.generate`."""
+        return decoding.generate(self, src_ids, max_new_tokens, beam_size, length_penalty, use_cache, **sampling)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str = "cpu") -> "Transformer":
+        """A Transformer from a `translate train` run, a Hugging Face Marian (OPUS-MT) directory,
+        or a hub name (see checkpoints.py)."""
+        return checkpoints.load_model(cls, path, device)
+
+    def save_pretrained(self, out_dir) -> None:
+        """Write a Hugging Face Marian directory that `MarianMTModel.from_pretrained` loads."""
+        return checkpoints.save_marian(self, out_dir)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from fromscratch.transformer import demo_corpus
+from fromscratch import demo_corpus
 from fromscratch.transformer.data import load_corpora
 
 

@@ -3,12 +3,13 @@
 Defaults follow the Llama 2 paper (§2.2): AdamW with β = (0.9, 0.95), weight decay 0.1, a cosine
 schedule with warm-up decaying to 10% of the peak, gradient clipping at 1.0.
 
-`train_command` (what `fromscratch llama train` runs) checks every argument before it does any
-work, then gets a tokenizer (the one given, the run's own on --resume, or a SentencePiece BPE
-trained on the data), tokenizes the data once into memory-mapped files (`data.py`), and hands
-a `LanguageModelTask` to the engine. The run directory then holds, besides what the engine
-writes, `tokenizer.model` (or `.json`) and `task.json` (preset, sequence length, data), so
-`Llama.from_pretrained(RUN_DIR)` and `fromscratch llama generate --checkpoint RUN_DIR` work on it.
+`train` (what `fromscratch llama train` calls, and what a user calls from Python) checks every
+argument before it does any work, then gets a tokenizer (the one given, the run's own on
+resume, or a SentencePiece BPE trained on the data), tokenizes the data once into memory-mapped
+files (`data.py`), and hands a `LanguageModelTask` to the engine. The run directory then holds,
+besides what the engine writes, `tokenizer.model` (or `.json`) and `task.json` (preset, sequence
+length, data), so `Llama.from_pretrained(RUN_DIR)` and `fromscratch llama generate --checkpoint
+RUN_DIR` work on it. Training goes through the opt-in fast paths (`fast.accelerate`).
 """
 
 import json
@@ -20,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fromscratch.engine import TrainConfig, Trainer, seed_everything, train_config_from_args
+from fromscratch.checkpoints.runs import check_run_model
+from fromscratch.engine import TrainConfig, Trainer, make_train_config, seed_everything
 from fromscratch.engine.checkpoint import read_index, write_json
 from fromscratch.engine.distributed import barrier, broadcast_object
 from fromscratch.errors import UserError
+from fromscratch.llama.config import LlamaConfig
 from fromscratch.llama.data import check_sources, is_hub, prepare_token_files, text_files_for_tokenizer
-from fromscratch.llama.model import Llama, LlamaConfig
+from fromscratch.llama.fast import accelerate
+from fromscratch.llama.model import Llama
 from fromscratch.llama.tokenizer import Tokenizer, train_tokenizer
 
 DEFAULTS = TrainConfig(
@@ -44,11 +48,12 @@ class LanguageModelTask:
     """
 
     best_metric, best_mode = "val_loss", "min"
+    model_name = "llama"
 
     def __init__(self, model_config: LlamaConfig, batch_size: int, seq_len: int, seed: int,
-                 eval_rows: int = 64, settings: dict | None = None):
+                 eval_rows: int = 64, settings: dict | None = None, model_class: type = Llama):
         self.model_config = model_config
-        self.model = Llama(model_config)
+        self.model = accelerate(model_class(model_config))
         self.batch_size, self.seq_len, self.seed, self.max_eval_rows = batch_size, seq_len, seed, eval_rows
         self.settings = settings or {}
         self.train_tokens = self.val_tokens = self.tokenizer = self.tokenizer_path = None
@@ -92,7 +97,7 @@ class LanguageModelTask:
         val_loss = total / count
         prompt = [int(t) for t in self.val_tokens[:8]]
         n_new = min(40, self.model_config.max_seq_len - len(prompt))
-        sample = model.generate([prompt], max_new_tokens=n_new, temperature=0.8, top_k=50, seed=step)[0]
+        sample = self.model.generate([prompt], max_new_tokens=n_new, temperature=0.8, top_k=50, seed=step)[0]
         if _is_main_process():
             from tqdm.auto import tqdm
 
@@ -173,52 +178,72 @@ def _on_process_zero(dist, work):
     barrier(dist)
 
 
-def train_command(args) -> dict:
-    """`fromscratch llama train`: check everything, get a tokenizer, tokenize once, train."""
+def train(data: str | list[str], out: str, *, preset: str = "tiny", tokenizer: str | None = None,
+          vocab_size: int = 2048, seq_len: int | None = None, command: list[str] | None = None,
+          **engine) -> dict:
+    """Train a Llama on text files (or `hf:NAME[:SPLIT[:FIELD]]` hub datasets) into the run
+    directory `out`; what `fromscratch llama train` runs.
+
+    preset: the model size (LlamaConfig presets); tokenizer: a SentencePiece `.model` or
+    `tokenizer.json` (default: train a BPE of `vocab_size` pieces on the data); seq_len: the
+    training context (default: min(preset's, 256)); engine: the shared engine's options
+    (`max_steps`, `lr`, `batch_size`, `resume`, ... — see `fromscratch.engine.TrainConfig`).
+    Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
+    """
+    return _train(LanguageModelTask, LlamaConfig, [data] if isinstance(data, str) else list(data), out, preset,
+                  tokenizer, vocab_size, seq_len, command, engine)
+
+
+def _train(task_class, config_class, data, out, preset, tokenizer, vocab_size, seq_len, command, engine,
+           model_overrides: dict | None = None) -> dict:
+    """`train` for Llama and for the models built on it (the MoE): their task and config classes."""
     # 1. Every argument is checked before anything is computed or written.
-    config = train_config_from_args(args, DEFAULTS)
+    config = make_train_config(DEFAULTS, out, **engine)
+    config.check_out_dir()
     run_dir = Path(config.out_dir)
-    check_sources(args.data)
-    preset = LlamaConfig.from_preset(args.preset)  # an unknown preset fails here
-    if args.seq_len is not None and args.seq_len < 1:
-        raise UserError(f"--seq-len must be at least 1, got {args.seq_len}")
-    seq_len = args.seq_len or min(preset.max_seq_len, 256)
+    check_sources(data)
+    preset_config = config_class.from_preset(preset, **(model_overrides or {}))  # an unknown preset fails here
+    if seq_len is not None and seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq_len}")
+    seq_len = seq_len or min(preset_config.max_seq_len, 256)
     has_run = bool(read_index(run_dir).get("latest"))
     if config.resume and not has_run:
         raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a new run")
     if not config.resume and has_run:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if config.resume:
+        check_run_model(run_dir, task_class.model_name)
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun (the engine checks again)
     if config.batch_size % (processes * config.grad_accum):
         raise UserError(
             f"--batch-size {config.batch_size} is not divisible by processes × --grad-accum = "
             f"{processes} × {config.grad_accum}; the global batch must split evenly"
         )
-    if args.tokenizer and not Path(args.tokenizer).is_file():
-        raise UserError(f"--tokenizer {args.tokenizer}: no such file")
+    if tokenizer and not Path(tokenizer).is_file():
+        raise UserError(f"--tokenizer {tokenizer}: no such file")
     # On --resume the run's own copy of its tokenizer, so the token ids cannot change.
     tokenizer_path = (run_directory_tokenizer(run_dir) if config.resume else None) or (
-        Path(args.tokenizer) if args.tokenizer else None
+        Path(tokenizer) if tokenizer else None
     )
     if config.resume and tokenizer_path is None:
         raise UserError(f"--resume: {run_dir} has lost its tokenizer.model / tokenizer.json; pass --tokenizer")
-    if config.resume and args.tokenizer and Path(args.tokenizer).read_bytes() != tokenizer_path.read_bytes():
+    if config.resume and tokenizer and Path(tokenizer).read_bytes() != tokenizer_path.read_bytes():
         raise UserError(
-            f"--resume: --tokenizer {args.tokenizer} is not the tokenizer the run in {run_dir} was started "
+            f"--resume: --tokenizer {tokenizer} is not the tokenizer the run in {run_dir} was started "
             f"with ({tokenizer_path}); drop --tokenizer to use the run's own"
         )
-    if tokenizer_path is None and args.vocab_size < MIN_VOCAB:
-        raise UserError(f"--vocab-size {args.vocab_size}: a byte-fallback BPE needs at least {MIN_VOCAB} pieces")
-    vocab_size = Tokenizer(tokenizer_path).vocab_size if tokenizer_path else args.vocab_size
-    model_config = LlamaConfig.from_preset(
-        args.preset, vocab_size=vocab_size, max_seq_len=max(preset.max_seq_len, seq_len)
+    if tokenizer_path is None and vocab_size < MIN_VOCAB:
+        raise UserError(f"--vocab-size {vocab_size}: a byte-fallback BPE needs at least {MIN_VOCAB} pieces")
+    vocab_size = Tokenizer(tokenizer_path).vocab_size if tokenizer_path else vocab_size
+    model_config = config_class.from_preset(
+        preset, **{**(model_overrides or {}), "vocab_size": vocab_size, "max_seq_len": max(preset_config.max_seq_len, seq_len)}
     )
-    settings = {"preset": args.preset, "seq_len": seq_len, "data": _data_names(args.data)}
+    settings = {"preset": preset, "seq_len": seq_len, "data": _data_names(data)}
     if config.resume:
         _check_same_task(run_dir, settings)
     seed_everything(config.seed)  # the initial weights depend on the seed alone
-    task = LanguageModelTask(model_config, config.batch_size, seq_len, config.seed, settings=settings)
-    trainer = Trainer(task, config)  # the engine's checks: batch split, flags on --resume, ...
+    task = task_class(model_config, config.batch_size, seq_len, config.seed, settings=settings)
+    trainer = Trainer(task, config, command)  # the engine's checks: batch split, flags on --resume, ...
 
     # 2. Work. Under torchrun process 0 trains the tokenizer and tokenizes; the others wait.
     must_train_tokenizer = tokenizer_path is None
@@ -227,20 +252,20 @@ def train_command(args) -> dict:
     def prepare():
         run_dir.mkdir(parents=True, exist_ok=True)
         if must_train_tokenizer:
-            files = text_files_for_tokenizer(args.data, run_dir / "data")
+            files = text_files_for_tokenizer(data, run_dir / "data")
             print(f"training a {vocab_size}-piece SentencePiece BPE tokenizer on {', '.join(map(str, files))}")
             train_tokenizer(files, vocab_size, run_dir / "tokenizer")
             pieces = Tokenizer(tokenizer_path).vocab_size
             if pieces != vocab_size:
                 raise UserError(f"the trained tokenizer has {pieces} pieces, not --vocab-size {vocab_size}")
-        prepare_token_files(args.data, Tokenizer(tokenizer_path), tokenizer_path, run_dir / "data")
+        prepare_token_files(data, Tokenizer(tokenizer_path), tokenizer_path, run_dir / "data")
 
     _on_process_zero(trainer.dist, prepare)
     tokenizer = Tokenizer(tokenizer_path)
-    train_tokens, val_tokens = prepare_token_files(args.data, tokenizer, tokenizer_path, run_dir / "data")
+    train_tokens, val_tokens = prepare_token_files(data, tokenizer, tokenizer_path, run_dir / "data")
     if trainer.dist.is_main:
         print(f"{len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens; "
-              f"model: {args.preset}, {task.model.num_parameters():,} parameters")
+              f"model: {preset}, {task.model.num_parameters():,} parameters")
     task.use_data(train_tokens, val_tokens, tokenizer, tokenizer_path)
     result = trainer.fit()
     if trainer.dist.is_main:

@@ -5,9 +5,9 @@ a couple of minutes and that still means something: real grammar, not a toy ciph
 writes one, deterministically, from a bilingual lexicon and sentence templates, and the result is
 shipped as `demo_data/everyday.{en,id}` (CC0, see `demo_data/LICENSE`). Regenerate with
 
-    python -m fromscratch.transformer.demo_corpus
+    python -m fromscratch.demo_corpus
 
-(`tests/transformer/test_demo_corpus.py` checks that the shipped files equal this output).
+(`tests/test_demo_corpus.py` checks that the shipped files equal this output).
 
 What the templates teach, i.e. the Indonesian a learner meets first:
 - no conjugation: "I eat / she eats / they ate" are all `makan`; time words carry tense
@@ -825,20 +825,6 @@ def write(directory: Path = DATA_DIR, seed: int = SEED) -> list[tuple[str, str]]
     (directory / f"{NAME}.id").write_text("".join(id_ + "\n" for _, id_ in pairs), encoding="utf-8")
     (directory / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
     return pairs
-
-
-def load_split(split: str):
-    """The shipped corpus as a `data.ParallelCorpus`: split "train", "test" or "all"."""
-    from fromscratch.errors import UserError
-    from fromscratch.transformer.data import read_parallel
-
-    if split not in ("train", "test", "all"):
-        raise UserError(f"the demo corpus has splits train, test and all, not {split!r}")
-    corpus = read_parallel(DATA_DIR / NAME, max_chars=None)
-    if split == "all":
-        return corpus
-    keep = [i for i in range(len(corpus)) if is_test(i) == (split == "test")]
-    return corpus.select(keep)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""Training, evaluating and running the English→Indonesian Transformer.
+"""Training the English→Indonesian Transformer.
 
 The training loop itself is the shared engine's (`fromscratch.engine.Trainer`); this module holds
 what is specific to translation:
 
 - `TranslationTask`: the model, token-bucket batches (§5.1), the label-smoothed loss (§5.4) and
   validation (loss and greedy BLEU on a fixed slice of the validation set);
-- `translate` and `evaluate_bleu`: beam-search decoding (§6.1) of many sentences and sacreBLEU
-  BLEU / chrF on the detokenised output;
-- `train_demo`: the tiny model on the shipped everyday-sentences corpus (`fromscratch demo`);
-- the command line: `fromscratch translate train | eval | run` (`add_translate_commands`).
+- `train`: corpora in, a run directory out (what `fromscratch translate train` calls);
+- `train_demo`: the tiny model on the shipped everyday-sentences corpus (`fromscratch demo`).
+
+Translating and scoring are in translate.py, the command line in cli.py.
 
 The optimiser settings are the paper's (§5.3): Adam with β₁ = 0.9, β₂ = 0.98, ε = 10⁻⁹ and the
 "noam" schedule lrate = d_model^-0.5 · min(step^-0.5, step · warmup^-1.5), here multiplied by
@@ -19,7 +19,6 @@ mention; it caps the occasional large gradient (in the 60-minute OPUS run the no
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -32,19 +31,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fromscratch.engine import TrainConfig, Trainer, add_train_arguments, load_run, train_config_from_args
+from fromscratch.checkpoints.runs import check_run_model
+from fromscratch.engine import TrainConfig, Trainer, make_train_config
 from fromscratch.errors import UserError
+from fromscratch.transformer.config import TransformerConfig
 from fromscratch.transformer.data import (
     ParallelCorpus,
     TokenBatchSchedule,
     collate,
-    collate_source,
     filter_long_pairs,
     load_corpora,
     token_batches,
 )
-from fromscratch.transformer.model import PRESETS, Transformer, TransformerConfig
+from fromscratch.transformer.model import Transformer
 from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer
+from fromscratch.transformer.translation import evaluate_bleu
 
 LABEL_SMOOTHING = 0.1  # ε_ls, §5.4
 DATA_RECORD = "translate_data.json"  # what the run was trained on; checked on --resume
@@ -72,6 +73,7 @@ class TranslationTask:
     """
 
     best_metric, best_mode = "val_loss", "min"
+    model_name = "transformer"
 
     def __init__(
         self,
@@ -218,69 +220,48 @@ def _sha256(*columns: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Translating and scoring
+# Training from Python (what `fromscratch translate train` calls)
 
 
-@torch.no_grad()
-def translate(model: Transformer, tokenizer: BPETokenizer, lines: list[str], beam_size: int = 4,
-              batch_size: int = 64, length_penalty: float = 0.6) -> list[str]:
-    """Detokenised translations of `lines`, in order. Sentences are decoded in batches of
-    similar length; a source longer than the model's max_seq_len is cut to fit."""
-    if not lines:
-        return []
-    device = next(model.parameters()).device
-    limit = model.config.max_seq_len - 1
-    ids = [tokenizer.encode(line)[:limit] for line in lines]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[str] = [""] * len(lines)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        src = collate_source([ids[i] for i in rows], tokenizer.pad_id, tokenizer.eos_id).to(device)
-        generated = model.generate(src, beam_size=beam_size, length_penalty=length_penalty)
-        for i, row in zip(rows, generated.tolist()):
-            out[i] = tokenizer.decode(row)
-    return out
-
-
-def evaluate_bleu(model, tokenizer, src_lines: list[str], ref_lines: list[str], beam_size: int = 4,
-                  batch_size: int = 64) -> dict:
-    """Translate `src_lines` and score against `ref_lines` with sacreBLEU (default 13a
-    tokenisation, on detokenised text): {"bleu", "chrf", "hypotheses"}."""
-    import sacrebleu
-
-    if len(src_lines) != len(ref_lines):
-        raise UserError(f"{len(src_lines)} source lines but {len(ref_lines)} references")
-    hypotheses = translate(model, tokenizer, list(src_lines), beam_size, batch_size)
-    refs = [list(ref_lines)]
-    return {
-        "bleu": sacrebleu.corpus_bleu(hypotheses, refs).score,
-        "chrf": sacrebleu.corpus_chrf(hypotheses, refs).score,
-        "hypotheses": hypotheses,
-    }
-
-
-def load_translator(path: str | Path, device: str = "cpu") -> tuple[Transformer, BPETokenizer, Path]:
-    """The model and tokenizer of a run directory (its best checkpoint, else its latest) or of
-    one checkpoint directory inside a run: (model in eval mode, tokenizer, checkpoint's run dir)."""
-    state, config_dict, run_dir = load_run(path, which="best")
-    tokenizer_path = next((p / TOKENIZER_FILE for p in (Path(path), run_dir) if (p / TOKENIZER_FILE).exists()), None)
-    if tokenizer_path is None:
-        raise UserError(f"no {TOKENIZER_FILE} in {path} or {run_dir}: is this a `fromscratch translate train` run?")
-    tokenizer = BPETokenizer.load(tokenizer_path)
-    config = TransformerConfig.from_dict(config_dict)
-    model = Transformer(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: not a Transformer checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(_device(device)).eval(), tokenizer, run_dir
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here")
-    return torch.device(name)
+def train(train: str | list[str], valid: str, out: str | Path, *, preset: str = "base", vocab_size: int = 8000,
+          batch_tokens: int = 25_000, max_tokens: int = 256, dropout: float | None = None,
+          norm_first: bool | None = None, bleu_samples: int = 200, command: list[str] | None = None,
+          **engine) -> dict:
+    """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
+    `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
+    `out`. `engine`: the shared engine's options (`max_steps`, `lr` — a multiplier on the noam
+    schedule —, `warmup_steps`, `resume`, ...; `fromscratch.engine.TrainConfig`).
+    Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
+    """
+    if vocab_size < 260:
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 260")
+    if batch_tokens < 8:
+        raise UserError(f"--batch-tokens {batch_tokens} is too small")
+    overrides = {name: value for name, value in (("dropout", dropout), ("norm_first", norm_first)) if value is not None}
+    TransformerConfig.from_preset(preset, **overrides)  # an unknown preset or a bad dropout fails now
+    config = make_train_config(paper_train_config(), out, **engine)
+    config.check_out_dir()
+    if config.resume:
+        check_run_model(Path(out), TranslationTask.model_name)
+    train_corpus = load_corpora([train] if isinstance(train, str) else list(train))
+    valid_corpus = load_corpora([valid])
+    out = Path(out)
+    if config.resume and (out / TOKENIZER_FILE).exists():
+        tokenizer = BPETokenizer.load(out / TOKENIZER_FILE)  # the run's own, not a retrained one
+    else:
+        tokenizer = BPETokenizer.train(train_corpus.src + train_corpus.tgt, vocab_size=vocab_size)
+    model_config = TransformerConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
+    task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
+                           seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples)
+    config.noam_d_model = model_config.d_model
+    # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.
+    config.batch_size = int(os.environ.get("WORLD_SIZE", 1)) * config.grad_accum
+    if config.resume:
+        task.check_resume(out)
+    print(f"train: {len(task.train_src)} pairs; valid: {len(task.valid_src)} pairs; "
+          f"vocab {tokenizer.vocab_size}; {sum(p.numel() for p in task.model.parameters()):,} parameters",
+          file=sys.stderr)
+    return Trainer(task, config, command=command).fit()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,116 +307,3 @@ def train_demo(out_dir: str | Path, max_steps: int = DEMO_SETTINGS["max_steps"],
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The command line
-
-
-def add_translate_commands(subparsers) -> None:
-    """`fromscratch translate train | eval | run`."""
-    translate_parser = subparsers.add_parser(
-        "translate", help="the Transformer (Vaswani et al. 2017): English → Indonesian",
-        description="Train, evaluate and run the English→Indonesian Transformer.",
-    )
-    verbs = translate_parser.add_subparsers(dest="translate_command", required=True, metavar="VERB")
-
-    train_p = verbs.add_parser(
-        "train", help="train on parallel text",
-        description="Train a Transformer on line-aligned PREFIX.en / PREFIX.id files. A PREFIX may also be "
-                    "demo:train / demo:test (the shipped everyday corpus) or opus100:SPLIT (the hub; needs "
-                    "fromscratch[hub]); relative prefixes are also looked up under $FROMSCRATCH_DATA.",
-    )
-    train_p.add_argument("--train", nargs="+", required=True, metavar="PREFIX", help="training corpora")
-    train_p.add_argument("--valid", required=True, metavar="PREFIX", help="validation corpus")
-    train_p.add_argument("--preset", default="base", choices=list(PRESETS), help="model size (default: base, Table 3)")
-    train_p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size (default: 8000)")
-    train_p.add_argument("--batch-tokens", type=int, default=25_000,
-                         help="padded tokens per side in a batch (default: 25000, §5.1); replaces --batch-size")
-    train_p.add_argument("--max-tokens", type=int, default=256,
-                         help="skip training pairs with a side longer than this many tokens (default: 256)")
-    train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    train_p.add_argument("--bleu-samples", type=int, default=200,
-                         help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
-    add_train_arguments(train_p, paper_train_config())
-    for action in train_p._actions:  # argparse has no public way to reword a shared flag's help
-        if action.dest == "batch_size":
-            action.help = "not used by translate: batches are sized by --batch-tokens"
-        elif action.dest == "lr":
-            action.help = "multiplier on the noam schedule of §5.3 (default: 1.0, the paper)"
-        elif action.dest == "warmup_steps":
-            action.help = "noam warm-up steps (default: 4000, §5.3)"
-    train_p.set_defaults(func=cmd_train)
-
-    eval_p = verbs.add_parser("eval", help="BLEU and chrF on a test corpus",
-                              description="Translate PREFIX.en and score it against PREFIX.id with sacreBLEU. "
-                                          "The last line printed is 'BLEU <score> chrF <score>'.")
-    eval_p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or one checkpoint in it")
-    eval_p.add_argument("--test", required=True, metavar="PREFIX", help="test corpus")
-    eval_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4, §6.1)")
-    eval_p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
-    eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, one per line")
-    eval_p.add_argument("--device", default="auto")
-    eval_p.set_defaults(func=cmd_eval)
-
-    run_p = verbs.add_parser("run", help="translate sentences",
-                             description="Translate the TEXT arguments, or standard input line by line.")
-    run_p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or one checkpoint in it")
-    run_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4)")
-    run_p.add_argument("--device", default="auto")
-    run_p.add_argument("text", nargs="*", metavar="TEXT", help="English sentences (default: read standard input)")
-    run_p.set_defaults(func=cmd_run)
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    if args.vocab_size < 260:
-        raise UserError(f"--vocab-size {args.vocab_size} is too small: byte-level BPE needs at least 260")
-    if args.batch_tokens < 8:
-        raise UserError(f"--batch-tokens {args.batch_tokens} is too small")
-    train = load_corpora(args.train)
-    valid = load_corpora([args.valid])
-    out = Path(args.out)
-    if args.resume and (out / TOKENIZER_FILE).exists():
-        tokenizer = BPETokenizer.load(out / TOKENIZER_FILE)  # the run's own, not a retrained one
-    else:
-        tokenizer = BPETokenizer.train(train.src + train.tgt, vocab_size=args.vocab_size)
-    overrides = {"vocab_size": tokenizer.vocab_size}
-    if args.dropout is not None:
-        overrides["dropout"] = args.dropout
-    model_config = TransformerConfig.from_preset(args.preset, **overrides)
-    task = TranslationTask(train, valid, tokenizer, model_config, batch_tokens=args.batch_tokens, seed=args.seed,
-                           max_tokens=args.max_tokens, bleu_samples=args.bleu_samples)
-    defaults = paper_train_config(noam_d_model=model_config.d_model)
-    config = train_config_from_args(args, defaults)
-    # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.
-    config.batch_size = int(os.environ.get("WORLD_SIZE", 1)) * config.grad_accum
-    if args.resume:
-        task.check_resume(out)
-    print(f"train: {len(task.train_src)} pairs from {', '.join(args.train)}; valid: {len(task.valid_src)} pairs; "
-          f"vocab {tokenizer.vocab_size}; {sum(p.numel() for p in task.model.parameters()):,} parameters",
-          file=sys.stderr)
-    result = Trainer(task, config, command=["fromscratch", *sys.argv[1:]]).fit()
-    print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    if args.beam < 1:
-        raise UserError(f"--beam must be at least 1, got {args.beam}")
-    model, tokenizer, _ = load_translator(args.checkpoint, args.device)
-    test = load_corpora([args.test], max_chars=None)
-    print(f"{len(test)} pairs from {args.test}, beam {args.beam}", file=sys.stderr)
-    scores = evaluate_bleu(model, tokenizer, test.src, test.tgt, beam_size=args.beam, batch_size=args.batch_size)
-    if args.output:
-        Path(args.output).write_text("".join(h + "\n" for h in scores["hypotheses"]), encoding="utf-8")
-    print(f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f}")
-
-
-def cmd_run(args: argparse.Namespace) -> None:
-    if args.beam < 1:
-        raise UserError(f"--beam must be at least 1, got {args.beam}")
-    model, tokenizer, _ = load_translator(args.checkpoint, args.device)
-    if args.text:
-        for line in translate(model, tokenizer, args.text, beam_size=args.beam):
-            print(line, flush=True)
-        return
-    for line in sys.stdin:  # one at a time, so a pipe gets each translation as soon as it is ready
-        text = line.strip()
-        print(translate(model, tokenizer, [text], beam_size=args.beam)[0] if text else "", flush=True)

@@ -1,16 +1,22 @@
-"""The one-token decode step on packed weights (decode.py) computes what Llama.forward computes."""
+"""The opt-in fast paths (fast.py) compute what model.py computes: the one-token decode step on
+packed weights equals Llama.forward, accelerated training equals plain training, and a block the
+fast path does not know is never run through it."""
 
 import pytest
 import torch
+import torch.nn as nn
 
-from fromscratch.llama import decode
-from fromscratch.llama.decode import (
+from fromscratch.llama import fast
+from fromscratch.llama.config import LlamaConfig
+from fromscratch.llama.fast import (
+    PackedDecoder,
     PackedLlama,
+    accelerate,
     blocked_matmul,
     column_blocks,
     n_column_blocks,
 )
-from fromscratch.llama.model import Llama, LlamaConfig
+from fromscratch.llama.model import FeedForward, Llama
 
 CONFIGS = {
     "mha": LlamaConfig.from_preset("tiny", n_kv_heads=None),
@@ -82,35 +88,93 @@ def test_step_with_left_padding_equals_each_row_alone():
 
 
 def test_packed_weights_follow_the_models_weights():
-    """Kept on the model between calls, remade once its weights change in place or are replaced."""
-    model = _model(CONFIGS["gqa"])
+    """Kept between calls, remade once the model's weights change in place or are replaced."""
+    model = accelerate(_model(CONFIGS["gqa"]))
+    decoder = model.decode_step
     prompt = torch.randint(0, model.config.vocab_size, (1, 5))
-    first = PackedLlama.of(model)
-    assert PackedLlama.of(model) is first
+    model.generate(prompt, 3, temperature=0)
+    first = decoder.packed
+    model.generate(prompt, 3, temperature=0)
+    assert decoder.packed is first
     with torch.no_grad():
         model.layers[1].feed_forward.w2.weight.mul_(-3.0)  # as an optimizer step would
-    second = PackedLlama.of(model)
+    assert torch.equal(model.generate(prompt, 12, temperature=0),
+                       model.generate(prompt, 12, temperature=0, use_cache=False))
+    second = decoder.packed
     assert second is not first
-    assert torch.equal(model.generate(prompt, 12, temperature=0),
-                       model.generate(prompt, 12, temperature=0, use_cache=False))
     model.load_state_dict(_model(CONFIGS["gqa"]).state_dict())
-    assert PackedLlama.of(model) is not second
     assert torch.equal(model.generate(prompt, 12, temperature=0),
                        model.generate(prompt, 12, temperature=0, use_cache=False))
+    assert decoder.packed is not second
 
 
 def test_a_model_made_in_inference_mode_is_packed_afresh_each_time():
     with torch.inference_mode():  # its parameters keep no version counter
-        model = _model(CONFIGS["gqa"])
+        model = accelerate(_model(CONFIGS["gqa"]))
     prompt = torch.randint(0, model.config.vocab_size, (1, 5))
-    first = PackedLlama.of(model)
-    assert PackedLlama.of(model) is not first
+    model.generate(prompt, 2, temperature=0)
+    first = model.decode_step.packed
     assert torch.equal(model.generate(prompt, 12, temperature=0),
                        model.generate(prompt, 12, temperature=0, use_cache=False))
+    assert model.decode_step.packed is not first
 
 
 def test_only_small_cpu_models_are_packed(monkeypatch):
     model = _model(CONFIGS["mha"])
-    assert PackedLlama.suits(model)
-    monkeypatch.setattr(decode, "PACK_MAX_BYTES", 1000)
-    assert not PackedLlama.suits(model)
+    assert PackedDecoder.supports(model)
+    monkeypatch.setattr(fast, "PACK_MAX_BYTES", 1000)
+    assert not PackedDecoder.supports(model)
+    assert accelerate(model).decode_step is None
+
+
+class GatedFeedForward(FeedForward):
+    """A different feed-forward (it doubles SwiGLU's output): the packed step does not know it."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class OtherLlama(Llama):
+    @staticmethod
+    def make_block(layer_index, config):
+        block = Llama.make_block(layer_index, config)
+        block.feed_forward = GatedFeedForward(config)
+        return block
+
+
+def test_a_block_the_fast_path_does_not_know_never_runs_packed(monkeypatch):
+    """A subclass with another feed-forward decodes through Llama.forward (and is right); the
+    stock model does run the packed step, which is where its documented speed comes from."""
+    calls = []
+    real_step = PackedLlama.step
+    monkeypatch.setattr(PackedLlama, "step", lambda self, *a, **k: calls.append(1) or real_step(self, *a, **k))
+    torch.manual_seed(0)
+    other = accelerate(OtherLlama(CONFIGS["gqa"]).eval())
+    assert other.decode_step is None
+    prompt = torch.randint(0, other.config.vocab_size, (1, 5))
+    cached = other.generate(prompt, 10, temperature=0)
+    assert calls == [] and torch.equal(cached, other.generate(prompt, 10, temperature=0, use_cache=False))
+    stock = accelerate(_model(CONFIGS["gqa"]))
+    stock.generate(prompt, 10, temperature=0)
+    assert len(calls) == 9  # every step after the prompt
+
+
+def test_accelerate_keeps_parameters_and_computes_the_same():
+    """Training products through gemm.Linear and the loss without full logits: same parameters
+    (tying included), same loss and gradients as the plain model."""
+    config = CONFIGS["tied"]
+    plain, fast_model = _model(config), _model(config)
+    before = {name: p for name, p in fast_model.named_parameters()}
+    accelerate(fast_model)
+    assert {name: p for name, p in fast_model.named_parameters()} == before  # the very same Parameters
+    assert fast_model.output.weight is fast_model.tok_embeddings.weight
+    assert all(type(m) is not nn.Linear for m in fast_model.modules())
+    ids = torch.randint(0, config.vocab_size, (3, 17))
+    losses = []
+    for model in (plain, fast_model):
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)

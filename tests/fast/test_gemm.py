@@ -1,12 +1,12 @@
-"""fromscratch.gemm.Linear: the oneDNN products give nn.Linear's outputs and gradients."""
+"""fromscratch.fast.gemm.Linear: the oneDNN products give nn.Linear's outputs and gradients."""
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromscratch import gemm
-from fromscratch.gemm import Linear, matmul_transposed, use_onednn
+from fromscratch.fast import gemm
+from fromscratch.fast.gemm import Linear, matmul_transposed, use_onednn
 
 needs_onednn = pytest.mark.skipif(not gemm._ONEDNN, reason="PyTorch built without oneDNN")
 
@@ -92,17 +92,17 @@ def test_matmul_transposed(transposed_weight, onednn):
 
 def test_inference_never_reaches_onednn(monkeypatch):
     """oneDNN keeps a kernel per shape; inference meets endless shapes, so it must stay on MKL."""
-    from fromscratch.llama.model import Llama, LlamaConfig
+    from fromscratch.llama import Llama, LlamaConfig, accelerate
 
     def refuse(*args):
         raise AssertionError("oneDNN called during inference")
 
     monkeypatch.setattr(gemm, "onednn_linear", refuse)
-    model = Llama(LlamaConfig.from_preset("tiny"))
+    model = accelerate(Llama(LlamaConfig.from_preset("tiny")))
     assert not use_onednn(torch.randn(3, 4), torch.randn(5, 4))  # nothing asks for a gradient
     with torch.no_grad():
         model(torch.randint(0, 512, (2, 9)))
-        model.loss(torch.randint(0, 512, (2, 9)), torch.randint(0, 512, (2, 9)))
+        model(torch.randint(0, 512, (2, 9)), targets=torch.randint(0, 512, (2, 9)))
     for length in (3, 7, 12):  # prompts of different lengths, cached and not
         model.generate([1] * length, 4, temperature=0)
         model.generate([1] * length, 4, temperature=0, use_cache=False)

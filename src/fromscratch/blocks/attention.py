@@ -3,10 +3,10 @@
     Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V
 
 This one function serves every model in the package (the Transformer's self- and
-cross-attention, Llama's grouped-query attention). It has two paths that compute the same
-thing: the explicit maths, which is what the README teaches, and PyTorch's fused
-`scaled_dot_product_attention`, which is faster (flash / memory-efficient kernels on GPU).
-`tests/transformer/test_transformer_attention.py` proves they agree.
+cross-attention, Llama's grouped-query attention, and the models built on them). It has two
+paths that compute the same thing: the explicit maths, which is what the READMEs teach, and
+PyTorch's fused `scaled_dot_product_attention`, which is faster (flash / memory-efficient kernels
+on GPU). `tests/blocks/test_attention.py` proves they agree.
 """
 
 import math

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fromscratch.transformer.attention import scaled_dot_product_attention
+from fromscratch.blocks import scaled_dot_product_attention
 from fromscratch.transformer.model import MultiHeadAttention
 
 B, H, D = 2, 3, 8

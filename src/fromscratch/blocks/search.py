@@ -1,0 +1,139 @@
+"""Autoregressive decoding for every generator of the package: sampling (greedy included) and
+beam search (§6.1 of Vaswani et al. 2017).
+
+A model takes part through a *next-token function*: called with every token so far, (N, t), it
+returns the float32 logits of token t + 1, (N, V), with the tokens it must never produce at −∞;
+`reorder(rows)` keeps rows `rows` of its state (the KV cache, an encoder output, image patches).
+It decides itself how much to recompute: with a KV cache it feeds the model only the tokens after
+those cached, without one it runs the whole prefix again. The Transformer (`transformer/decoding.py`),
+Llama and the models built on it (`llama/generate.py`) and the image captioner each define one.
+
+Both searches take a prompt (B, t₀) — a BOS column for the Transformer's decoder, the prompt
+tokens for Llama — and stop at `eos_id` (None: never) or after `max_new_tokens`.
+
+Beam search ranks finished hypotheses by log P(Y | X) / lp(|Y|) with GNMT's length penalty
+lp(n) = ((5 + n) / 6)^α (Wu et al. 2016, eq. 14), |Y| counting its tokens including EOS;
+§6.1 uses beam 4 and α = 0.6.
+"""
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from fromscratch.blocks.sampling import sample_next_token
+
+
+class NextTokenLogits(Protocol):
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, t), every token so far → float32 logits (N, V) of token t + 1."""
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (N',) of the state, in that order (rows may repeat)."""
+
+
+def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+           eos_id: int | None = None, fill_id: int | None = None,
+           stream: Callable[[list[int | None]], None] | None = None) -> torch.Tensor:
+    """Extend every row of `prompt` (B, t₀) token by token: greedy when temperature is 0, else
+    sampled with temperature / top-k / top-p (`sample_next_token`).
+
+    A row that has produced `eos_id` is finished: its later positions hold `fill_id` (default
+    `eos_id`), and decoding stops once every row is finished. `stream` is called after every step
+    with one new id per row (None for rows finished before it).
+    Returns (B, t₀ + n) with n ≤ max_new_tokens.
+    """
+    batch, prompt_len = prompt.shape
+    fill_id = eos_id if fill_id is None else fill_id
+    tokens = prompt.new_empty(batch, prompt_len + max_new_tokens)
+    tokens[:, :prompt_len] = prompt
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+    end = prompt_len  # tokens[:, :end] are filled
+    while end < prompt_len + max_new_tokens:
+        token = sample_next_token(next_logits(tokens[:, :end]), temperature, top_k, top_p, generator)  # (B,)
+        if eos_id is not None:
+            token = token.masked_fill(finished, fill_id)
+        tokens[:, end] = token
+        end += 1
+        if stream is not None:
+            stream([None if done else t for t, done in zip(token.tolist(), finished.tolist())])
+        if eos_id is not None:
+            finished |= token == eos_id
+            if finished.all():
+                break
+    return tokens[:, :end]
+
+
+def gnmt_length_penalty(length: int, alpha: float) -> float:
+    """GNMT's lp(Y) = ((5 + |Y|) / 6)^α."""
+    return ((5 + length) / 6) ** alpha
+
+
+@torch.no_grad()
+def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, beam_size: int = 4,
+                alpha: float = 0.6, eos_id: int | None = None, pad_id: int = 0) -> torch.Tensor:
+    """Keep the `beam_size` most probable continuations of every prompt, all prompts batched.
+
+    prompt (B, t₀) → (B, L): each prompt's finished hypothesis of highest log P / lp (the new
+    tokens only, EOS included, right-padded with pad_id); a prompt with none finished after
+    max_new_tokens gets its best unfinished beam.
+    """
+    batch, k = prompt.size(0), beam_size
+    device = prompt.device
+    if max_new_tokens == 0:
+        return prompt.new_empty(batch, 0)
+    # The prompt goes through the model once per row; then each row becomes K beams, side by
+    # side in one batch of B·K rows: row b·K + j is beam j of prompt b.
+    log_probs = next_logits(prompt).log_softmax(dim=-1)  # (B, V)
+    expand = torch.arange(batch, device=device).repeat_interleave(k)
+    next_logits.reorder(expand)
+    log_probs, tokens = log_probs[expand], prompt[expand]
+    beam_scores = torch.zeros(batch, k, device=device)  # log P of each beam's continuation
+    beam_scores[:, 1:] = float("-inf")  # the K beams start identical: expand only the first
+    first_row = torch.arange(batch, device=device)[:, None] * k  # (B, 1)
+    start = prompt.size(1)
+
+    best = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    best_scores = torch.full((batch,), float("-inf"), device=device)  # log P / lp of `best`
+    best_lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for t in range(1, max_new_tokens + 1):  # t: hypothesis length after this step
+        if t > 1:
+            log_probs = next_logits(tokens).log_softmax(dim=-1)  # (B·K, V)
+        vocab = log_probs.size(1)
+        scores = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+        # Of the best 2K extensions at most K end in EOS, so at least K remain to continue.
+        top_scores, top_index = scores.topk(2 * k, dim=1)  # (B, 2K)
+        top_beams, top_tokens = top_index // vocab, top_index % vocab
+        is_eos = top_tokens == eos_id if eos_id is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
+
+        # An EOS among the best K finishes a hypothesis; keep it if it beats the prompt's best.
+        finished = torch.where(is_eos[:, :k], top_scores[:, :k] / gnmt_length_penalty(t, alpha), float("-inf"))
+        finished_score, j = finished.max(dim=1)  # (B,)
+        improved = finished_score > best_scores
+        if improved.any():
+            rows = (first_row + top_beams.gather(1, j[:, None])).squeeze(1)
+            eos = torch.full((batch, 1), eos_id, dtype=torch.long, device=device)
+            hypotheses = torch.cat([tokens[rows, start:], eos], dim=1)  # (B, t)
+            best[improved, :t] = hypotheses[improved]
+            best_scores = torch.where(improved, finished_score, best_scores)
+            best_lengths[improved] = t
+
+        # The best K extensions that did not end are the next step's beams.
+        beam_scores, i = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (B, K)
+        rows = (first_row + top_beams.gather(1, i)).view(-1)
+        tokens = torch.cat([tokens[rows], top_tokens.gather(1, i).view(-1, 1)], dim=1)
+        next_logits.reorder(rows)
+
+        # A prompt is done when no beam can still beat its best: log P only falls as beams
+        # grow, and lp grows at most to lp(max_new_tokens).
+        done |= best_scores >= beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
+        if done.all():
+            break
+    else:  # out of steps: the unfinished beams, now max_new_tokens long, compete too
+        unfinished = beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
+        improved = unfinished > best_scores
+        best[improved] = tokens.view(batch, k, -1)[improved, 0, start:]
+        best_lengths[improved] = max_new_tokens
+    return best[:, :int(best_lengths.max())]

@@ -1,0 +1,216 @@
+"""Llama's opt-in fast paths on a CPU: `accelerate(model)` (same maths as model.py, faster).
+
+It does three things, each tested to compute what the plain model computes:
+
+1. Training products: every `nn.Linear` becomes a `fromscratch.fast.gemm.Linear` (the same
+   module with the same parameters; its class adds no state), whose CPU float32 products run on
+   the faster of MKL and oneDNN.
+2. The training loss: `forward(targets=...)` uses `fromscratch.fast.cross_entropy`, which never
+   holds the (B, T, vocab) logits.
+3. Decoding one token at a time: `model.decode_step` becomes a `PackedDecoder`, which runs the
+   blocks of model.py for one position on a copy of the weights laid out for it (below).
+
+Only what it knows is accelerated. `PackedDecoder` runs a model only if every block is a
+`TransformerBlock` with Llama's `Attention` and RMSNorms, and a feed-forward whose type is
+registered in `PACKED_FEED_FORWARDS` (Llama's SwiGLU here; a model built on Llama registers its
+own). A block of any other type — a subclass of Llama with another feed-forward, say — leaves
+`decode_step` unset, and generation runs `Llama.forward` with the KV cache: slower, never wrong.
+
+Why the packed copy. After the prompt, every step feeds one token per row through the model.
+Each weight is then used for a single vector–matrix product, 2 FLOPs per weight read, so a step
+costs the time it takes to stream every weight from memory (61 MB for `stories15m`, more than
+the 32 MB of L3 cache, so from DRAM each time) plus PyTorch's per-operation overhead. How the
+weights are laid out decides how fast they stream. With this CPU's BLAS (MKL), on the 2-core
+AMD EPYC of `bench/bench_llama.py` (section "decode_layouts"; docs/performance.md):
+
+- `nn.Linear` computes x·Wᵀ from W stored (out, in). For one row, MKL streams that layout at
+  ~8 GB/s (~8 ms a token); the same products from contiguous (in, out) copies of Wᵀ run about
+  twice as fast.
+- MKL runs a one-row product on one core. Cut the columns of Wᵀ into blocks, stack them as a
+  batch and multiply with `torch.bmm`: the batch is shared among the cores (25–34 GB/s,
+  1.8–2.4 ms a token, as fast as this machine's memory lets two cores read).
+- Products that read the same input are fused into one matrix: wq|wk|wv (one product instead of
+  three) and w1|w3 (the SwiGLU gate and up projections). Fewer, larger products: less overhead.
+
+The copy costs as much memory as the weights, so it is made only for CPU models up to
+`PACK_MAX_BYTES`, on the first decoding step, and made again whenever a parameter is replaced or
+written in place. `tests/llama/test_llama_fast.py` checks the step's logits against `Llama.forward`.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fromscratch.blocks import scaled_dot_product_attention
+from fromscratch.fast import gemm
+from fromscratch.fast.cross_entropy import lm_cross_entropy
+from fromscratch.llama.model import Attention, FeedForward, Llama, RMSNorm, TransformerBlock, apply_rope
+
+PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through Llama.forward instead
+
+
+def accelerate(model: Llama) -> Llama:
+    """Switch `model` to the fast paths (see the module docstring); returns it. Its parameters,
+    their names and every result stay the same."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = gemm.Linear  # a subclass that adds no state: the Parameters stay
+    model.next_token_loss = lm_cross_entropy
+    model.decode_step = PackedDecoder(model) if PackedDecoder.supports(model) else None
+    return model
+
+
+# --- the packed layout ----------------------------------------------------------------------
+
+
+def column_blocks(weight: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """nn.Linear's (out, in) weight W → Wᵀ cut into `n_blocks` column blocks: (n_blocks, in, out/n_blocks)."""
+    d_out, d_in = weight.shape
+    return weight.t().reshape(d_in, n_blocks, d_out // n_blocks).transpose(0, 1).contiguous()
+
+
+def blocked_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ for x (B, in) and W in `column_blocks` form → (B, out). One bmm: a block per batch entry."""
+    n_blocks, _, block_out = blocks.shape
+    out = torch.bmm(x.expand(n_blocks, *x.shape), blocks)  # (n_blocks, B, out/n_blocks)
+    return out.transpose(0, 1).reshape(x.size(0), n_blocks * block_out)  # a view when B == 1
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """`column_blocks` with the number of blocks chosen by `n_column_blocks`."""
+    return column_blocks(weight.detach(), n_column_blocks(weight.size(0)))
+
+
+def n_column_blocks(d_out: int) -> int:
+    """How many column blocks to cut a matrix with `d_out` columns into.
+
+    Chosen by timing whole decoding steps of `stories15m` on 2 cores: blocks of ~16 columns for
+    the layers' matrices were fastest (far faster than one block per core), but only two blocks
+    per core for the 32,000-wide classifier; and always a multiple of the core count, so that no
+    core waits for another.
+    """
+    cores = torch.get_num_threads()
+    target = 2 * cores if d_out >= 4096 else max(cores, d_out // 16)
+    for n in range(target, 0, -1):
+        if d_out % n == 0 and (n % cores == 0 or n < cores):
+            return n
+    return 1
+
+
+class PackedSwiGLU:
+    """Llama's `FeedForward` for one position: w1|w3 fused, both products in `column_blocks` form."""
+
+    def __init__(self, ffn: FeedForward):
+        self.w13 = packed(torch.cat([ffn.w1.weight, ffn.w3.weight]))
+        self.w2 = packed(ffn.w2.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = blocked_matmul(x, self.w13).chunk(2, dim=-1)  # (B, hidden) each
+        return blocked_matmul(F.silu(gate) * up, self.w2)
+
+
+# Feed-forward types the packed step knows, and how to pack each: type → (module → callable on
+# (B, d_model)). Exact types: a subclass may compute something else.
+PACKED_FEED_FORWARDS: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
+    FeedForward: PackedSwiGLU,
+}
+
+
+class PackedLayer:
+    """One TransformerBlock for one position: its attention products in `column_blocks` form
+    (wq|wk|wv fused), its packed feed-forward, its two RMSNorm modules."""
+
+    def __init__(self, block: TransformerBlock):
+        attention = block.attention
+        self.layer_index = attention.layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+        self.use_sdpa = attention.use_sdpa
+        self.wqkv = packed(torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight]))
+        self.wo = packed(attention.wo.weight)
+        self.feed_forward = PACKED_FEED_FORWARDS[type(block.feed_forward)](block.feed_forward)
+
+    def attention(self, x: torch.Tensor, rotations, mask, cache) -> torch.Tensor:
+        """`Attention.forward` for one position: x (B, d_model) → (B, d_model)."""
+        b, n_heads, n_kv_heads, head_dim = x.size(0), self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = blocked_matmul(x, self.wqkv)  # (B, (n_heads + 2·n_kv_heads)·head_dim)
+        qk, v = qkv.split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
+        qk = apply_rope(qk.view(b, 1, n_heads + n_kv_heads, head_dim), rotations)  # q and k at once
+        q, k = qk.view(b, n_heads + n_kv_heads, 1, head_dim).split([n_heads, n_kv_heads], dim=1)
+        keys, values = cache.update(self.layer_index, k, v.view(b, n_kv_heads, 1, head_dim))
+        # Grouped-query attention without repeating keys: the n_heads / n_kv_heads query heads that
+        # share a key/value head become that head's rows of queries. (B, n_kv_heads, n_rep, hd)
+        q = q.reshape(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
+        out = scaled_dot_product_attention(q, keys, values, mask=mask, use_sdpa=self.use_sdpa)
+        return blocked_matmul(out.reshape(b, n_heads * head_dim), self.wo)
+
+    def __call__(self, x: torch.Tensor, rotations, mask, cache) -> torch.Tensor:
+        """`TransformerBlock.forward` for one position: x (B, d_model) → (B, d_model)."""
+        x = x + self.attention(self.attention_norm(x), rotations, mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class PackedLlama:
+    """`model`'s weights laid out for decoding one token per row (see the module docstring)."""
+
+    def __init__(self, model: Llama):
+        self.model = model
+        with torch.no_grad():
+            self.layers = [PackedLayer(block) for block in model.layers]
+            self.output = packed(model.output.weight)
+        self.embeddings = model.tok_embeddings.weight
+
+    def step(self, tokens: torch.Tensor, cache, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the position after the `cache.length` cached ones: tokens (B,) → logits (B, vocab)."""
+        rotations, mask = self.model.rotations_and_mask(1, cache, pad_lengths, tokens.device)
+        x = self.embeddings[tokens]  # (B, d_model)
+        for layer in self.layers:
+            x = layer(x, rotations, mask, cache)
+        cache.advance(1)
+        return blocked_matmul(self.model.norm(x), self.output).float()
+
+
+class PackedDecoder:
+    """`model.decode_step` after `accelerate`: a `PackedLlama` of the model's current weights,
+    made on the first call and made again whenever a parameter is replaced or written in place."""
+
+    def __init__(self, model: Llama):
+        self.model = model
+        self.packed: PackedLlama | None = None
+        self.key: tuple | None = None
+
+    @staticmethod
+    def supports(model: Llama) -> bool:
+        """Whether every block is one the packed step knows, on a CPU, and the copy affordable."""
+        known = all(
+            type(block) is TransformerBlock and type(block.attention) is Attention
+            and type(block.attention_norm) is RMSNorm and type(block.ffn_norm) is RMSNorm
+            and type(block.feed_forward) in PACKED_FEED_FORWARDS
+            for block in model.layers
+        ) and type(model.norm) is RMSNorm
+        weight = model.tok_embeddings.weight
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        return known and weight.device.type == "cpu" and size <= PACK_MAX_BYTES
+
+    def weights_key(self) -> tuple | None:
+        """Changes whenever a parameter is replaced (its storage) or written in place (its version
+        counter: optimizer steps, load_state_dict). None when that cannot be told: tensors made
+        under torch.inference_mode() keep no version counter."""
+        key = []
+        for p in self.model.parameters():
+            if p.is_inference():
+                return None
+            key.append((p.data_ptr(), p._version))
+        return tuple(key)
+
+    def __call__(self, tokens: torch.Tensor, cache, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B,) at the position after the cached ones → logits (B, vocab_size)."""
+        if not self.supports(self.model):  # moved to a GPU since `accelerate`, say
+            return self.model(tokens[:, None], cache=cache, pad_lengths=pad_lengths)[:, -1]
+        key = self.weights_key()
+        if self.packed is None or key is None or key != self.key:
+            self.packed = None  # free the stale copy before making anew
+            self.packed, self.key = PackedLlama(self.model), key
+        return self.packed.step(tokens, cache, pad_lengths)

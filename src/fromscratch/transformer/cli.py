@@ -1,0 +1,126 @@
+"""`fromscratch translate train | eval | run`: the command line over train.py and translate.py.
+
+    fromscratch translate train --train PREFIX [PREFIX ...] --valid PREFIX --out DIR [--preset base] ...
+    fromscratch translate eval  --checkpoint SPEC --test PREFIX [--beam 4]    (last line: BLEU x chrF y)
+    fromscratch translate run   --checkpoint SPEC [--beam 4] [TEXT ...]       (else standard input)
+
+SPEC is a `translate train` run, one checkpoint in it, a Hugging Face Marian (OPUS-MT)
+directory, or a hub name (`Helsinki-NLP/opus-mt-en-id`).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fromscratch.engine import add_train_arguments, engine_options
+from fromscratch.errors import UserError
+from fromscratch.inputs import checked_text, stdin_lines
+from fromscratch.transformer.config import TransformerConfig
+from fromscratch.transformer.data import load_corpora
+from fromscratch.transformer.training import paper_train_config, train
+from fromscratch.transformer.translation import evaluate_bleu, load_translator, translate
+
+
+def register(subparsers) -> None:
+    """`fromscratch translate ...`: the sub-commands this package contributes to the CLI."""
+    translate_parser = subparsers.add_parser(
+        "translate", help="the Transformer (Vaswani et al. 2017): English → Indonesian",
+        description="Train, evaluate and run the English→Indonesian Transformer.",
+    )
+    verbs = translate_parser.add_subparsers(dest="translate_command", required=True, metavar="VERB")
+
+    train_p = verbs.add_parser(
+        "train", help="train on parallel text",
+        description="Train a Transformer on line-aligned PREFIX.en / PREFIX.id files. A PREFIX may also be "
+                    "demo:train / demo:test (the shipped everyday corpus) or opus100:SPLIT (the hub; needs "
+                    "fromscratch[hub]); relative prefixes are also looked up under $FROMSCRATCH_DATA.",
+    )
+    train_p.add_argument("--train", nargs="+", required=True, metavar="PREFIX", help="training corpora")
+    train_p.add_argument("--valid", required=True, metavar="PREFIX", help="validation corpus")
+    train_p.add_argument("--preset", default="base", choices=list(TransformerConfig.PRESETS),
+                         help="model size (default: base, Table 3)")
+    train_p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size (default: 8000)")
+    train_p.add_argument("--batch-tokens", type=int, default=25_000,
+                         help="padded tokens per side in a batch (default: 25000, §5.1); replaces --batch-size")
+    train_p.add_argument("--max-tokens", type=int, default=256,
+                         help="skip training pairs with a side longer than this many tokens (default: 256)")
+    train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    train_p.add_argument("--norm-first", action=argparse.BooleanOptionalAction, default=None,
+                         help="pre-norm layers (Xiong et al. 2020); --no-norm-first: the paper's post-norm")
+    train_p.add_argument("--bleu-samples", type=int, default=200,
+                         help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
+    add_train_arguments(train_p, paper_train_config())
+    for action in train_p._actions:  # argparse has no public way to reword a shared flag's help
+        if action.dest == "batch_size":
+            action.help = "not used by translate: batches are sized by --batch-tokens"
+        elif action.dest == "lr":
+            action.help = "multiplier on the noam schedule of §5.3 (default: 1.0, the paper)"
+        elif action.dest == "warmup_steps":
+            action.help = "noam warm-up steps (default: 4000, §5.3)"
+    train_p.set_defaults(func=cmd_train)
+
+    checkpoint_help = "a run directory or one checkpoint in it, a Marian directory, or a hub name"
+    eval_p = verbs.add_parser("eval", help="BLEU and chrF on a test corpus",
+                              description="Translate PREFIX.en and score it against PREFIX.id with sacreBLEU. "
+                                          "The last line printed is 'BLEU <score> chrF <score>'.")
+    eval_p.add_argument("--checkpoint", required=True, metavar="SPEC", help=checkpoint_help)
+    eval_p.add_argument("--test", required=True, metavar="PREFIX", help="test corpus")
+    eval_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4, §6.1)")
+    eval_p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
+    eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, one per line")
+    eval_p.add_argument("--device", default="auto")
+    eval_p.set_defaults(func=cmd_eval)
+
+    run_p = verbs.add_parser("run", help="translate sentences",
+                             description="Translate the TEXT arguments, or standard input line by line. "
+                                         "A line longer than the model's context is translated in pieces "
+                                         "(split at sentence ends), with a note on standard error.")
+    run_p.add_argument("--checkpoint", required=True, metavar="SPEC", help=checkpoint_help)
+    run_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4)")
+    run_p.add_argument("--device", default="auto")
+    run_p.add_argument("text", nargs="*", metavar="TEXT", help="English sentences (default: read standard input)")
+    run_p.set_defaults(func=cmd_run)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    result = train(args.train, args.valid, args.out, preset=args.preset, vocab_size=args.vocab_size,
+                   batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, dropout=args.dropout,
+                   norm_first=args.norm_first, bleu_samples=args.bleu_samples,
+                   command=["fromscratch", *sys.argv[1:]], **engine_options(args))
+    print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
+
+
+def _check_beam(beam: int) -> None:
+    if beam < 1:
+        raise UserError(f"--beam must be at least 1, got {beam}")
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    _check_beam(args.beam)
+    test = load_corpora([args.test], max_chars=None)
+    model, tokenizer = load_translator(args.checkpoint, args.device)
+    print(f"{len(test)} pairs from {args.test}, beam {args.beam}", file=sys.stderr)
+    scores = evaluate_bleu(model, tokenizer, test.src, test.tgt, beam_size=args.beam, batch_size=args.batch_size)
+    if args.output:
+        Path(args.output).write_text("".join(h + "\n" for h in scores["hypotheses"]), encoding="utf-8")
+    print(f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    _check_beam(args.beam)
+    texts = [checked_text(text, f"argument {i}") for i, text in enumerate(args.text, start=1)]
+    model, tokenizer = load_translator(args.checkpoint, args.device)
+    if texts:
+        for line in translate(model, tokenizer, texts, beam_size=args.beam, report=_note):
+            print(line, flush=True)
+        return
+    # One line at a time, so a pipe gets each translation as soon as it is ready.
+    for number, line in enumerate(stdin_lines(), start=1):
+        text = line.strip()
+        report = lambda message: _note(f"standard input, line {number}: {message}")  # noqa: E731
+        print(translate(model, tokenizer, [text], beam_size=args.beam, report=report)[0] if text else "", flush=True)

@@ -1,0 +1,123 @@
+"""Translating text and scoring translations: what `translate run` and `translate eval` call.
+
+`load_translator(SPEC)` gives a model and its tokenizer from anything `Transformer.from_pretrained`
+reads: a `translate train` run (with its joint BPE, `tokenizer.json`) or a Hugging Face Marian
+(OPUS-MT) directory or hub name (with its two SentencePiece models, `marian.MarianTokenizer`).
+Both tokenizers give `encode(text) → ids` (no EOS) and `decode(ids) → text`.
+
+`translate` decodes sentences in batches of similar length (beam 4 by default, §6.1) and puts
+them back in order. A sentence longer than the model's context is never cut silently: it is
+split at sentence ends (". ", "! ", "? ") into pieces that fit — or, for one sentence that
+alone does not fit, at the token limit — each piece is translated, and the pieces are joined;
+`report` is told which line was split and into how many pieces.
+"""
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fromscratch.checkpoints.resolve import resolve_checkpoint
+from fromscratch.checkpoints.runs import run_checkpoint
+from fromscratch.errors import UserError
+from fromscratch.transformer.checkpoints import MARIAN_HUB_FILES
+from fromscratch.transformer.data import collate_source
+from fromscratch.transformer.model import Transformer
+from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer
+
+logger = logging.getLogger(__name__)
+SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+
+
+def load_translator(spec: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer) from a run directory (its best checkpoint, else its latest),
+    one checkpoint directory of a run, a Marian directory or a hub name."""
+    path = resolve_checkpoint(spec, allow_patterns=MARIAN_HUB_FILES)
+    model = Transformer.from_pretrained(path, device)
+    found = run_checkpoint(path)
+    if found is None:  # a Marian directory (from_pretrained has read its config.json)
+        from fromscratch.transformer.marian import MarianTokenizer
+
+        return model, MarianTokenizer.from_directory(path, model.config)
+    step_dir, run_dir = found
+    tokenizer_path = next((p / TOKENIZER_FILE for p in (step_dir, run_dir) if (p / TOKENIZER_FILE).exists()), None)
+    if tokenizer_path is None:
+        raise UserError(f"no {TOKENIZER_FILE} in {step_dir} or {run_dir}: is this a `fromscratch translate train` run?")
+    tokenizer = BPETokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                        f"has {model.config.vocab_size}: they do not belong together")
+    return model, tokenizer
+
+
+def split_to_fit(text: str, ids: list[int], tokenizer, limit: int) -> list[list[int]]:
+    """Token ids of `text` (`ids`) in pieces of at most `limit` tokens: whole sentences packed
+    greedily, and a sentence longer than `limit` on its own cut every `limit` tokens."""
+    if len(ids) <= limit:
+        return [ids]
+    texts: list[str] = []
+    for sentence in SENTENCE_END.split(text):
+        if texts and len(tokenizer.encode(f"{texts[-1]} {sentence}")) <= limit:
+            texts[-1] = f"{texts[-1]} {sentence}"
+        else:
+            texts.append(sentence)
+    pieces = []
+    for piece in texts:
+        piece_ids = tokenizer.encode(piece)
+        pieces += [piece_ids[i:i + limit] for i in range(0, len(piece_ids), limit)]
+    return pieces
+
+
+@torch.no_grad()
+def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size: int = 64,
+              length_penalty: float = 0.6, report: Callable[[str], None] | None = None) -> list[str]:
+    """Detokenised translations of `lines`, in order. Sentences are decoded in batches of similar
+    length; a line longer than the model's context is translated in pieces (module docstring),
+    and `report` (default: a logged warning) is told so."""
+    if not lines:
+        return []
+    report = report or logger.warning
+    device = next(model.parameters()).device
+    limit = model.config.max_seq_len - 1  # room for </s>
+    pieces_of_line: list[list[list[int]]] = []
+    for number, line in enumerate(lines, start=1):
+        ids = tokenizer.encode(line)
+        pieces = split_to_fit(line, ids, tokenizer, limit)
+        if len(pieces) > 1:
+            which = f"line {number}" if len(lines) > 1 else "the input"
+            report(f"{which} is {len(ids)} tokens long, more than the model's context of {limit}: "
+                   f"translated in {len(pieces)} pieces")
+        pieces_of_line.append(pieces)
+    flat = [piece for pieces in pieces_of_line for piece in pieces]
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+    out: list[str] = [""] * len(flat)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        src = collate_source([flat[i] for i in rows], tokenizer.pad_id, tokenizer.eos_id).to(device)
+        generated = model.generate(src, beam_size=beam_size, length_penalty=length_penalty)
+        for i, row in zip(rows, generated.tolist()):
+            out[i] = tokenizer.decode(row)
+    translations, i = [], 0
+    for pieces in pieces_of_line:
+        translations.append(" ".join(out[i:i + len(pieces)]))
+        i += len(pieces)
+    return translations
+
+
+def evaluate_bleu(model, tokenizer, src_lines: list[str], ref_lines: list[str], beam_size: int = 4,
+                  batch_size: int = 64, length_penalty: float = 0.6) -> dict:
+    """Translate `src_lines` and score against `ref_lines` with sacreBLEU (default 13a
+    tokenisation, on detokenised text): {"bleu", "chrf", "hypotheses"}."""
+    import sacrebleu
+
+    if len(src_lines) != len(ref_lines):
+        raise UserError(f"{len(src_lines)} source lines but {len(ref_lines)} references")
+    hypotheses = translate(model, tokenizer, list(src_lines), beam_size, batch_size, length_penalty)
+    refs = [list(ref_lines)]
+    return {
+        "bleu": sacrebleu.corpus_bleu(hypotheses, refs).score,
+        "chrf": sacrebleu.corpus_chrf(hypotheses, refs).score,
+        "hypotheses": hypotheses,
+    }
