@@ -80,9 +80,13 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         return d
 
-    def check_out_dir(self) -> None:
-        """Fail now, before any work, if the run directory cannot be made and written."""
+    def check_before_work(self) -> None:
+        """Fail now, before any work, if the run directory cannot be made and written or the
+        device does not exist here."""
+        from fromscratch.devices import resolve_device
+
         check_out_dir(self.out_dir)
+        resolve_device(self.device)
 
 
 def flag(name: str) -> str:

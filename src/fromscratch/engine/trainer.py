@@ -86,7 +86,7 @@ class Trainer:
         self.best_mode = getattr(task, "best_mode", "min")
         self.model_name = getattr(task, "model_name", type(task).__name__)
         # Everything that can be wrong with the arguments fails here, before any work starts.
-        config.check_out_dir()
+        config.check_before_work()
         device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = init_distributed(device.type)
         self.device = device

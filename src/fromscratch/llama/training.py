@@ -199,7 +199,7 @@ def _train(task_class, config_class, data, out, preset, tokenizer, vocab_size, s
     """`train` for Llama and for the models built on it (the MoE): their task and config classes."""
     # 1. Every argument is checked before anything is computed or written.
     config = make_train_config(DEFAULTS, out, **engine)
-    config.check_out_dir()
+    config.check_before_work()
     run_dir = Path(config.out_dir)
     check_sources(data)
     preset_config = config_class.from_preset(preset, **(model_overrides or {}))  # an unknown preset fails here

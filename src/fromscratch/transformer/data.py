@@ -176,6 +176,9 @@ def read_parallel(
             corpus.src.append(s)
             corpus.tgt.append(t)
             corpus.origins.append(f"{src_name}:{i}")
+    if not corpus.src and skipped.count("empty") == len(src_raw):
+        raise UserError(f"{src_path if not any(s.strip() for s in src_raw) else tgt_path} is empty: "
+                        "it holds no text to train on (or only whitespace)")
     if log and skipped:
         logger.warning("%s: %s", prefix, skipped.summary())
     return corpus

@@ -240,7 +240,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str = 
     overrides = {name: value for name, value in (("dropout", dropout), ("norm_first", norm_first)) if value is not None}
     TransformerConfig.from_preset(preset, **overrides)  # an unknown preset or a bad dropout fails now
     config = make_train_config(paper_train_config(), out, **engine)
-    config.check_out_dir()
+    config.check_before_work()
     if config.resume:
         check_run_model(Path(out), TranslationTask.model_name)
     train_corpus = load_corpora([train] if isinstance(train, str) else list(train))
