@@ -1,0 +1,156 @@
+"""The shared KV cache (growing, preallocated, static) and the shared searches (sampling, beam
+search), checked on their own, away from any model: a toy next-token function whose best
+sequence can be found by enumeration."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from fromscratch.blocks import KVCache, beam_search, gnmt_length_penalty, sample, scaled_dot_product_attention
+from fromscratch.errors import UserError
+
+
+def _steps(n_steps=5, batch=2, heads=2, head_dim=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, heads, 1, head_dim, generator=generator),
+             torch.randn(batch, heads, 1, head_dim, generator=generator)) for _ in range(n_steps)]
+
+
+@pytest.mark.parametrize("max_len", [None, 8])
+def test_growing_and_preallocated_caches_hold_the_same_keys(max_len):
+    steps = _steps()
+    cache = KVCache(n_layers=2, max_len=max_len)
+    for k, v in steps:
+        for layer in range(2):
+            keys, values = cache.update(layer, k, v)
+        cache.advance(1)
+    assert cache.length == 5 and keys.shape == (2, 2, 5, 4)
+    torch.testing.assert_close(keys, torch.cat([k for k, _ in steps], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(values, torch.cat([v for _, v in steps], dim=2), rtol=0, atol=0)
+
+
+def test_preallocated_cache_refuses_to_overflow_and_is_sized_up_front():
+    cache = KVCache(n_layers=3, max_len=4).allocate(batch_size=2, n_kv_heads=2, head_dim=4)
+    assert cache.nbytes == 2 * 3 * 2 * 2 * 4 * 4 * 4  # keys and values, layers, B, heads, T, d, float32
+    k, v = torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 3, 4)
+    cache.update(0, k, v)
+    cache.advance(3)
+    with pytest.raises(UserError, match="overflow a KV cache of 4"):
+        cache.update(0, k[:, :, :2], v[:, :, :2])
+
+
+def test_reorder_moves_and_repeats_rows_and_static_cache_keeps_its_context():
+    steps = _steps(n_steps=3, batch=3)
+    cache = KVCache(n_layers=1, max_len=5)
+    for k, v in steps:
+        cache.update(0, k, v)
+        cache.advance(1)
+    rows = torch.tensor([2, 2, 0])
+    expected = torch.cat([k for k, _ in steps], dim=2)[rows]
+    cache.reorder(rows)
+    k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    keys, _ = cache.update(0, k, v)
+    torch.testing.assert_close(keys[:, :, :3], expected, rtol=0, atol=0)
+    static = KVCache(n_layers=2, static=True)
+    assert not static.holds(1)
+    memory = torch.randn(3, 2, 7, 4)
+    static.update(1, memory, memory)
+    assert static.holds(1) and not static.holds(0) and static.keys[1] is memory
+
+
+def test_attention_over_the_cache_equals_attention_over_the_whole_sequence():
+    """One query at a time against the cached keys = causal attention over all positions."""
+    q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    full = scaled_dot_product_attention(q, k, v, is_causal=True)
+    cache = KVCache(n_layers=1)
+    steps = []
+    for t in range(6):
+        keys, values = cache.update(0, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        cache.advance(1)
+        steps.append(scaled_dot_product_attention(q[:, :, t:t + 1], keys, values, is_causal=True))
+    torch.testing.assert_close(torch.cat(steps, dim=2), full, atol=1e-6, rtol=1e-6)
+
+
+# --- searches ---------------------------------------------------------------------------------------
+
+
+class MarkovChain:
+    """A next-token function over a fixed table: logits of token t+1 depend only on token t.
+    Token 0 is EOS. Rows are tracked so that reorder is checked to move state with the beams."""
+
+    def __init__(self, table: torch.Tensor, batch_size: int):
+        self.table, self.rows = table, torch.arange(batch_size)
+        self.calls: list[int] = []
+
+    def __call__(self, tokens):
+        self.calls.append(tokens.size(1))
+        assert tokens.size(0) == len(self.rows)
+        return self.table[tokens[:, -1]].clone()
+
+    def reorder(self, rows):
+        self.rows = self.rows[rows]
+
+
+def _table(vocab=5, seed=0):
+    return torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _log_prob(table, sequence):
+    log_probs = table.log_softmax(-1)
+    return sum(log_probs[a, b].item() for a, b in zip(sequence, sequence[1:]))
+
+
+def test_greedy_sampling_takes_the_argmax_and_fills_finished_rows():
+    table = _table(vocab=10)
+    table[:, 9] = float("-inf")  # the fill token is never chosen, only written
+    prompt = torch.tensor([[1], [3]])
+    seen = []
+    tokens = sample(MarkovChain(table, 2), prompt, max_new_tokens=6, temperature=0, eos_id=0, fill_id=9,
+                    stream=seen.append)
+    for row in tokens.tolist():
+        for t in range(1, len(row)):
+            if row[t - 1] in (0, 9):
+                assert row[t] == 9  # after EOS: the fill token
+            else:
+                assert row[t] == int(table[row[t - 1]].argmax())
+    assert len(seen) == tokens.size(1) - 1 and all(len(step) == 2 for step in seen)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    table = _table()
+    prompt = torch.tensor([[1], [2]])
+    draw = lambda seed: sample(MarkovChain(table, 2), prompt, 8, temperature=1.0,  # noqa: E731
+                               generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
+def test_beam_search_finds_the_exact_best_sequence_of_a_small_space(alpha):
+    """With a beam as wide as the vocabulary, every prefix of length ≤ 3 is kept: the result is the
+    best of all sequences by log P / lp, found by enumeration."""
+    vocab, max_new = 4, 3
+    for seed in range(5):
+        table = _table(vocab, seed)
+        prompt = torch.tensor([[2], [3]])
+        got = beam_search(MarkovChain(table, 2), prompt, max_new, beam_size=vocab, alpha=alpha, eos_id=0, pad_id=0)
+        for b, start in enumerate((2, 3)):
+            candidates = []
+            for n in range(1, max_new + 1):
+                for seq in itertools.product(range(vocab), repeat=n):
+                    if 0 in seq[:-1] or (n < max_new and seq[-1] != 0):
+                        continue  # EOS only at the end; shorter sequences must have ended
+                    score = _log_prob(table, (start, *seq)) / gnmt_length_penalty(n, alpha)
+                    candidates.append((score, list(seq)))
+            best_score, best = max(candidates)
+            row = got[b].tolist()
+            row = row[: row.index(0) + 1] if 0 in row else row
+            got_score = _log_prob(table, [start, *row]) / gnmt_length_penalty(len(row), alpha)
+            assert math.isclose(got_score, best_score, abs_tol=1e-5), (seed, row, best)
+
+
+def test_beam_search_runs_the_prompt_once_then_expands_to_beams():
+    chain = MarkovChain(_table(), 2)
+    beam_search(chain, torch.tensor([[1, 2, 3], [2, 3, 4]]), 4, beam_size=3, eos_id=None)
+    assert chain.calls[0] == 3 and len(chain.rows) == 6  # 2 prompts → 2·3 beams
