@@ -209,6 +209,20 @@ def test_sdpa_and_explicit_attention_agree():
                                    explicit(input_ids, pad_lengths=pad_lengths), atol=1e-5, rtol=1e-5)
 
 
+def test_causal_mask_keeps_every_position_from_seeing_later_tokens():
+    """Changing token t changes no logit before position t: what next_token_loss trains on at
+    position t (predict token t+1) never saw that token."""
+    config = LlamaConfig.from_preset("tiny")
+    model = Llama(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    changed = ids.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % config.vocab_size
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
 def test_cached_forward_equals_full_forward():
     config = LlamaConfig.from_preset("tiny")
     model = Llama(config).eval()
