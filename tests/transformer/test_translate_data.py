@@ -214,6 +214,31 @@ def test_collate_shifts_the_target_and_pads():
 
 
 def test_filter_long_pairs_reports_where():
-    keep, report = filter_long_pairs([[1] * 3, [1] * 9], [[1] * 2, [1] * 2], ["a.en:1", "a.en:2"], 5, log=False)
+    keep, report = filter_long_pairs([3, 9], [2, 2], ["a.en:1", "a.en:2"], 5, log=False)
     assert keep == [0]
     assert report.reasons == {"longer than 5 tokens": ["a.en:2"]}
+
+
+def test_tokenized_pairs_hold_the_ids_compactly_and_select_exactly(shared_data):
+    from fromscratch.transformer.data import TokenizedPairs
+    from fromscratch.transformer.tokenizer import BPETokenizer
+
+    corpus = read_parallel(shared_data / "en-id" / "tatoeba", log=False).select(range(300))
+    tokenizer = BPETokenizer.train(corpus.src + corpus.tgt, vocab_size=400)
+    pairs = TokenizedPairs.encode(corpus, tokenizer, chunk_pairs=64)  # several chunks
+    assert len(pairs) == 300 and pairs.src.dtype == "uint16"
+    for i in (0, 63, 64, 299):
+        assert pairs.source(i).tolist() == tokenizer.encode(corpus.src[i])
+        assert pairs.target(i).tolist() == tokenizer.encode(corpus.tgt[i])
+    picked = pairs.select([299, 5, 5])
+    assert [picked.target(j).tolist() for j in range(3)] == [pairs.target(i).tolist() for i in (299, 5, 5)]
+    assert picked.src_lengths.tolist() == [len(pairs.source(i)) for i in (299, 5, 5)]
+
+
+def test_origins_are_compact_and_read_like_strings():
+    from fromscratch.transformer.data import Origins
+
+    origins = Origins(["a.en:1", "b.en:7"])
+    origins.append("a.en", 9)
+    assert list(origins) == ["a.en:1", "b.en:7", "a.en:9"] and origins[-1] == "a.en:9"
+    assert origins.select([2, 0]) == ["a.en:9", "a.en:1"] and origins.names == ["a.en", "b.en"]

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -76,59 +78,102 @@ class SkipReport:
         return f"skipped {self.total} {noun}: " + ", ".join(parts)
 
 
+class Origins(Sequence[str]):
+    """Where each pair came from, "tatoeba.en:17": a file (or dataset) name and a 1-based line,
+    kept as two compact integer arrays and a list of names, not a string per pair (a million
+    pairs would otherwise hold a million strings)."""
+
+    def __init__(self, items: Iterable[str] = ()):
+        self.names: list[str] = []
+        self._name_index: dict[str, int] = {}
+        self._names, self._lines = array("H"), array("I")  # name index, line of each pair
+        for item in items:
+            name, _, line = item.rpartition(":")
+            self.append(name, int(line))
+
+    def append(self, name: str, line: int) -> None:
+        if name not in self._name_index:
+            self._name_index[name] = len(self.names)
+            self.names.append(name)
+        self._names.append(self._name_index[name])
+        self._lines.append(line)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return f"{self.names[self._names[i]]}:{self._lines[i]}"
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def extend(self, other: "Origins") -> None:
+        for i in range(len(other)):
+            self.append(other.names[other._names[i]], other._lines[i])
+
+    def select(self, indices: Sequence[int]) -> "Origins":
+        out = Origins()
+        for i in indices:
+            out.append(self.names[self._names[i]], self._lines[i])
+        return out
+
+
 @dataclass
 class ParallelCorpus:
     """Aligned sentence pairs. `origins[i]` says where pair i came from ("tatoeba.en:17")."""
 
     src: list[str]
     tgt: list[str]
-    origins: list[str]
+    origins: Origins = field(default_factory=Origins)
     skipped: SkipReport = field(default_factory=SkipReport)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.origins, Origins):
+            self.origins = Origins(self.origins)
         assert len(self.src) == len(self.tgt) == len(self.origins)
 
     def __len__(self) -> int:
         return len(self.src)
 
+    def add(self, src: str, tgt: str, name: str, line: int) -> None:
+        self.src.append(src)
+        self.tgt.append(tgt)
+        self.origins.append(name, line)
+
     def select(self, indices: Iterable[int]) -> "ParallelCorpus":
         indices = list(indices)
-        return ParallelCorpus(
-            [self.src[i] for i in indices],
-            [self.tgt[i] for i in indices],
-            [self.origins[i] for i in indices],
-            self.skipped,
-        )
+        return ParallelCorpus([self.src[i] for i in indices], [self.tgt[i] for i in indices],
+                              self.origins.select(indices), self.skipped)
 
     @staticmethod
     def concat(corpora: Sequence["ParallelCorpus"]) -> "ParallelCorpus":
-        out = ParallelCorpus([], [], [])
+        if len(corpora) == 1:
+            return corpora[0]
+        out = ParallelCorpus([], [])
         for c in corpora:
             out.src += c.src
             out.tgt += c.tgt
-            out.origins += c.origins
+            out.origins.extend(c.origins)
             out.skipped.extend(c.skipped)
         return out
 
 
-def _read_lines(path: Path) -> list[bytes]:
-    """Raw lines of a file, split on b"\\n" only.
+def _open_lines(path: Path) -> Iterator[bytes]:
+    """The raw lines of a file, one at a time (streamed, never the whole file in memory), split
+    on b"\n" only.
 
     Splitting bytes rather than `str.splitlines()` matters: the latter also breaks on U+2028,
     U+0085 and form feeds, which do occur inside sentences and would silently misalign the pair.
     """
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            yield from f
     except FileNotFoundError:
         raise UserError(f"no such file: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    if not data:
-        return []
-    lines = data.split(b"\n")
-    if lines[-1] == b"":  # the usual trailing newline, not an extra empty line
-        lines.pop()
-    return lines
 
 
 def _decode(line: bytes) -> str | None:
@@ -147,24 +192,26 @@ def read_parallel(
     max_chars: int | None = DEFAULT_MAX_CHARS,
     log: bool = True,
 ) -> ParallelCorpus:
-    """Read the line-aligned pair PREFIX.{src_lang} / PREFIX.{tgt_lang}.
+    """Read the line-aligned pair PREFIX.{src_lang} / PREFIX.{tgt_lang}, line by line.
 
-    Raises UserError when a file is missing or the two files have different line counts.
-    Pairs with an empty side, a side longer than `max_chars` characters, or a line that is not
-    valid UTF-8 are dropped and recorded in `corpus.skipped` (and logged when `log`).
+    Raises UserError when a file is missing, holds no text, or the two files have different line
+    counts. Pairs with an empty side, a side longer than `max_chars` characters, or a line that
+    is not valid UTF-8 are dropped and recorded in `corpus.skipped` (and logged when `log`).
     """
     src_path, tgt_path = _pair_paths(prefix, src_lang, tgt_lang)
-    src_raw, tgt_raw = _read_lines(src_path), _read_lines(tgt_path)
-    if len(src_raw) != len(tgt_raw):
-        raise UserError(
-            f"{src_path} has {len(src_raw)} lines but {tgt_path} has {len(tgt_raw)}; "
-            "a parallel corpus must be line-aligned"
-        )
-    corpus = ParallelCorpus([], [], [])
+    corpus = ParallelCorpus([], [])
     skipped = corpus.skipped
     src_name, tgt_name = src_path.name, tgt_path.name
-    for i, (s_raw, t_raw) in enumerate(zip(src_raw, tgt_raw), start=1):
+    n_src = n_tgt = 0
+    text_in = {src_name: False, tgt_name: False}
+    for s_raw, t_raw in zip_longest(_open_lines(src_path), _open_lines(tgt_path)):
+        n_src, n_tgt = n_src + (s_raw is not None), n_tgt + (t_raw is not None)
+        if s_raw is None or t_raw is None:
+            continue  # one file is longer: counted, reported below
         s, t = _decode(s_raw), _decode(t_raw)
+        text_in[src_name] |= bool(s)
+        text_in[tgt_name] |= bool(t)
+        i = n_src
         if s is None or t is None:
             skipped.add("undecodable", f"{src_name if s is None else tgt_name}:{i}")
         elif not s or not t:
@@ -173,12 +220,14 @@ def read_parallel(
             name = src_name if len(s) > max_chars else tgt_name
             skipped.add(f"longer than {max_chars} chars", f"{name}:{i}")
         else:
-            corpus.src.append(s)
-            corpus.tgt.append(t)
-            corpus.origins.append(f"{src_name}:{i}")
-    if not corpus.src and skipped.count("empty") == len(src_raw):
-        raise UserError(f"{src_path if not any(s.strip() for s in src_raw) else tgt_path} is empty: "
-                        "it holds no text to train on (or only whitespace)")
+            corpus.add(s, t, src_name, i)
+    if n_src != n_tgt:
+        raise UserError(
+            f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}; a parallel corpus must be line-aligned"
+        )
+    for path, name in ((src_path, src_name), (tgt_path, tgt_name)):
+        if not text_in[name] and not corpus.src:
+            raise UserError(f"{path} is empty: it holds no text to train on (or only whitespace)")
     if log and skipped:
         logger.warning("%s: %s", prefix, skipped.summary())
     return corpus
@@ -218,18 +267,16 @@ def corpus_from_hf(dataset, src_lang: str = SRC_LANG, tgt_lang: str = TGT_LANG, 
     """
     if "translation" not in getattr(dataset, "column_names", []):
         raise UserError(f"{name}: expected a 'translation' column, found {getattr(dataset, 'column_names', None)}")
-    corpus = ParallelCorpus([], [], [])
-    for i, row in enumerate(dataset["translation"], start=1):
+    corpus = ParallelCorpus([], [])
+    rows = (row for batch in dataset.iter(batch_size=10_000) for row in batch["translation"])  # streamed
+    for i, row in enumerate(rows, start=1):
         s, t = (row.get(src_lang) or "").strip(), (row.get(tgt_lang) or "").strip()
-        where = f"{name}:{i}"
         if not s or not t:
-            corpus.skipped.add("empty", where)
+            corpus.skipped.add("empty", f"{name}:{i}")
         elif max_chars is not None and max(len(s), len(t)) > max_chars:
-            corpus.skipped.add(f"longer than {max_chars} chars", where)
+            corpus.skipped.add(f"longer than {max_chars} chars", f"{name}:{i}")
         else:
-            corpus.src.append(s)
-            corpus.tgt.append(t)
-            corpus.origins.append(where)
+            corpus.add(s, t, name, i)
     if log and corpus.skipped:
         logger.warning("%s: %s", name, corpus.skipped.summary())
     return corpus
@@ -285,20 +332,71 @@ def load_corpora(specs: Sequence[str], max_chars: int | None = DEFAULT_MAX_CHARS
 # Tokens and batches
 
 
+class TokenizedPairs:
+    """The token ids of many sentence pairs, each side one flat integer array plus offsets: pair
+    i's source is `src[src_offsets[i]:src_offsets[i + 1]]`. Two bytes a token (four for
+    vocabularies over 65,536), where lists of Python ints would take over thirty."""
+
+    def __init__(self, src: np.ndarray, src_offsets: np.ndarray, tgt: np.ndarray, tgt_offsets: np.ndarray):
+        self.src, self.src_offsets, self.tgt, self.tgt_offsets = src, src_offsets, tgt, tgt_offsets
+
+    @classmethod
+    def encode(cls, corpus: ParallelCorpus, tokenizer, chunk_pairs: int = 20_000) -> "TokenizedPairs":
+        """Tokenize `corpus` a chunk of pairs at a time (only one chunk's Python lists exist at once)."""
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        sides = []
+        for texts in (corpus.src, corpus.tgt):
+            chunks, lengths = [], []
+            for start in range(0, len(texts), chunk_pairs):
+                ids = tokenizer.encode_batch(texts[start:start + chunk_pairs])
+                lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+                chunks.append(np.fromiter((t for row in ids for t in row), dtype=dtype))
+            flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+            offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else [])]).astype(np.int64)
+            sides += [flat, offsets]
+        return cls(*sides)
+
+    def __len__(self) -> int:
+        return len(self.src_offsets) - 1
+
+    @property
+    def src_lengths(self) -> np.ndarray:
+        return np.diff(self.src_offsets)
+
+    @property
+    def tgt_lengths(self) -> np.ndarray:
+        return np.diff(self.tgt_offsets)
+
+    def source(self, i: int) -> np.ndarray:
+        return self.src[self.src_offsets[i]:self.src_offsets[i + 1]]
+
+    def target(self, i: int) -> np.ndarray:
+        return self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]]
+
+    def select(self, indices: Sequence[int]) -> "TokenizedPairs":
+        """The pairs `indices`, in that order, as new compact arrays."""
+        sides = []
+        for flat, offsets in ((self.src, self.src_offsets), (self.tgt, self.tgt_offsets)):
+            starts, ends = offsets[:-1][indices], offsets[1:][indices]
+            pieces = [flat[a:b] for a, b in zip(starts, ends)]
+            sides += [np.concatenate(pieces) if pieces else flat[:0],
+                      np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)]
+        return TokenizedPairs(*sides)
+
+
 def filter_long_pairs(
-    src_ids: list[list[int]], tgt_ids: list[list[int]], origins: list[str], max_tokens: int, log: bool = True
+    src_lengths: Sequence[int], tgt_lengths: Sequence[int], origins: Sequence[str], max_tokens: int, log: bool = True
 ) -> tuple[list[int], SkipReport]:
     """Indices of the pairs whose both sides have at most `max_tokens` tokens, and a report of
     the others (so that no batch ever holds a sequence longer than the model's max_seq_len)."""
-    keep, report = [], SkipReport()
-    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-        if len(s) <= max_tokens and len(t) <= max_tokens:
-            keep.append(i)
-        else:
-            report.add(f"longer than {max_tokens} tokens", origins[i])
+    src_lengths, tgt_lengths = np.asarray(src_lengths), np.asarray(tgt_lengths)
+    fits = (src_lengths <= max_tokens) & (tgt_lengths <= max_tokens)
+    report = SkipReport()
+    for i in np.flatnonzero(~fits):
+        report.add(f"longer than {max_tokens} tokens", origins[int(i)])
     if log and report:
         logger.warning("%s", report.summary())
-    return keep, report
+    return np.flatnonzero(fits).tolist(), report
 
 
 def token_batches(
@@ -315,55 +413,57 @@ def token_batches(
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(src_lengths))
     order = perm[np.lexsort((tgt_lengths[perm], src_lengths[perm]))]
-    batches, start, max_src, max_tgt = [], 0, 0, 0
-    for pos, i in enumerate(order):
-        s, t = max(max_src, src_lengths[i]), max(max_tgt, tgt_lengths[i])
-        n = pos - start + 1
-        if n > 1 and n * max(s, t) > batch_tokens:
-            batches.append(order[start:pos])
-            start, s, t = pos, src_lengths[i], tgt_lengths[i]
+    # The greedy cut is sequential; plain Python ints make the loop ~10× faster than numpy scalars.
+    sorted_src, sorted_tgt = src_lengths[order].tolist(), tgt_lengths[order].tolist()
+    cuts, start, max_src, max_tgt = [], 0, 0, 0
+    for pos, (s, t) in enumerate(zip(sorted_src, sorted_tgt)):
+        s, t = max(max_src, s), max(max_tgt, t)
+        if pos > start and (pos - start + 1) * max(s, t) > batch_tokens:
+            cuts.append(pos)
+            start, s, t = pos, sorted_src[pos], sorted_tgt[pos]
         max_src, max_tgt = s, t
-    if start < len(order):
-        batches.append(order[start:])
+    batches = np.split(order, cuts) if len(order) else []
     return [batches[j] for j in rng.permutation(len(batches))]
 
 
 class TokenBatchSchedule:
     """Step -> batch of pair indices, epoch after epoch: step s is a pure function of (seed, s).
 
-    Epoch plans are built on demand and cached, so a resumed run at step 10,000 computes the same
-    batches as a run that went there without stopping.
+    Epoch plans are made on demand; the plan of the current epoch is kept, and of earlier epochs
+    only how many batches they had (to find where each epoch starts), so a resumed run at step
+    10,000 computes the same batches as a run that went there without stopping, and memory does
+    not grow with the number of epochs.
     """
 
     def __init__(self, src_lengths: Sequence[int], tgt_lengths: Sequence[int], batch_tokens: int, seed: int):
         if len(src_lengths) == 0:
             raise UserError("cannot batch an empty corpus")
-        self.src_lengths, self.tgt_lengths = list(src_lengths), list(tgt_lengths)
+        self.src_lengths, self.tgt_lengths = np.asarray(src_lengths), np.asarray(tgt_lengths)
         self.batch_tokens, self.seed = batch_tokens, seed
-        self._epochs: list[list[np.ndarray]] = []
-        self._starts: list[int] = []  # first step of each epoch
+        self._counts: list[int] = []  # batches in each epoch planned so far
+        self._plan: tuple[int, list[np.ndarray]] | None = None  # (epoch, its batches)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        while len(self._epochs) <= epoch:
-            e = len(self._epochs)
-            self._starts.append(self._starts[-1] + len(self._epochs[-1]) if e else 0)
-            self._epochs.append(token_batches(self.src_lengths, self.tgt_lengths, self.batch_tokens, self.seed, e))
-        return self._epochs[epoch]
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, token_batches(self.src_lengths, self.tgt_lengths, self.batch_tokens, self.seed, epoch))
+        return self._plan[1]
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, index within that epoch) of a 0-based step."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        epoch = 0
+        epoch, start = 0, 0
         while True:
-            batches = self.epoch_batches(epoch)
-            if step < self._starts[epoch] + len(batches):
-                return epoch, step - self._starts[epoch]
+            if epoch == len(self._counts):
+                self._counts.append(len(self.epoch_batches(epoch)))
+            if step < start + self._counts[epoch]:
+                return epoch, step - start
+            start += self._counts[epoch]
             epoch += 1
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, index = self.locate(step)
-        return self._epochs[epoch][index]
+        return self.epoch_batches(epoch)[index]
 
 
 def collate(
@@ -374,25 +474,21 @@ def collate(
     src     = x₁ … xₙ </s>           (B, S)
     tgt_in  = <s> y₁ … yₘ            (B, T)  the decoder's input, shifted right (§3.1)
     tgt_out = y₁ … yₘ </s>           (B, T)  what it must predict at each position
-    All right-padded with pad_id.
+    All right-padded with pad_id. (bos_id is the decoder's start token.)
     """
-    b = len(src_ids)
-    s_len = max(len(s) for s in src_ids) + 1
     t_len = max(len(t) for t in tgt_ids) + 1
-    src = torch.full((b, s_len), pad_id, dtype=torch.long)
-    tgt_in = torch.full((b, t_len), pad_id, dtype=torch.long)
-    tgt_out = torch.full((b, t_len), pad_id, dtype=torch.long)
-    for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-        src[i, : len(s) + 1] = torch.tensor([*s, eos_id])
-        tgt_in[i, : len(t) + 1] = torch.tensor([bos_id, *t])
-        tgt_out[i, : len(t) + 1] = torch.tensor([*t, eos_id])
-    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
+    tgt_in = np.full((len(tgt_ids), t_len), pad_id, dtype=np.int64)
+    tgt_out = np.full((len(tgt_ids), t_len), pad_id, dtype=np.int64)
+    for i, t in enumerate(tgt_ids):
+        tgt_in[i, 0], tgt_in[i, 1:len(t) + 1] = bos_id, t
+        tgt_out[i, :len(t)], tgt_out[i, len(t)] = t, eos_id
+    return {"src": collate_source(src_ids, pad_id, eos_id), "tgt_in": torch.from_numpy(tgt_in),
+            "tgt_out": torch.from_numpy(tgt_out)}
 
 
 def collate_source(src_ids: Sequence[Sequence[int]], pad_id: int, eos_id: int) -> torch.Tensor:
     """Source side only, as in `collate` (x₁ … xₙ </s>, right-padded): (B, S)."""
-    s_len = max(len(s) for s in src_ids) + 1
-    src = torch.full((len(src_ids), s_len), pad_id, dtype=torch.long)
+    src = np.full((len(src_ids), max(len(s) for s in src_ids) + 1), pad_id, dtype=np.int64)
     for i, s in enumerate(src_ids):
-        src[i, : len(s) + 1] = torch.tensor([*s, eos_id])
-    return src
+        src[i, :len(s)], src[i, len(s)] = s, eos_id
+    return torch.from_numpy(src)

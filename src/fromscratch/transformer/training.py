@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from fromscratch.transformer.config import TransformerConfig
 from fromscratch.transformer.data import (
     ParallelCorpus,
     TokenBatchSchedule,
+    TokenizedPairs,
     collate,
     filter_long_pairs,
     load_corpora,
@@ -99,47 +101,46 @@ class TranslationTask:
             torch.manual_seed(seed)
             self.model = Transformer(model_config)
 
-        self.train_src, self.train_tgt, _ = self._encode(train, "training")
-        self.valid_src, self.valid_tgt, keep = self._encode(valid, "validation")
+        self.train_pairs, _ = self._encode(train, "training")
+        self.valid_pairs, keep = self._encode(valid, "validation")
         self.valid_src_text = [valid.src[i] for i in keep]
         self.valid_ref_text = [valid.tgt[i] for i in keep]
-        self.schedule = TokenBatchSchedule(
-            [len(s) + 1 for s in self.train_src], [len(t) + 1 for t in self.train_tgt], batch_tokens, seed
-        )
+        self.schedule = TokenBatchSchedule(self.train_pairs.src_lengths + 1, self.train_pairs.tgt_lengths + 1,
+                                           batch_tokens, seed)
         self.valid_batches = sorted(
-            token_batches([len(s) + 1 for s in self.valid_src], [len(t) + 1 for t in self.valid_tgt],
+            token_batches(self.valid_pairs.src_lengths + 1, self.valid_pairs.tgt_lengths + 1,
                           eval_batch_tokens or batch_tokens, seed=0, epoch=0),
             key=lambda b: int(b[0]),
         )
-        self.bleu_samples = min(bleu_samples, len(self.valid_src))
+        self.bleu_samples = min(bleu_samples, len(self.valid_pairs))
         self.fingerprint = {
-            "train_pairs": len(self.train_src),
+            "train_pairs": len(self.train_pairs),
             "train_sha256": _sha256(train.src, train.tgt),
-            "valid_pairs": len(self.valid_src),
+            "valid_pairs": len(self.valid_pairs),
             "valid_sha256": _sha256(valid.src, valid.tgt),
             "batch_tokens": batch_tokens,
             "max_tokens": self.max_tokens,
             "bleu_samples": self.bleu_samples,
         }
 
-    def _encode(self, corpus: ParallelCorpus, what: str) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    def _encode(self, corpus: ParallelCorpus, what: str) -> tuple[TokenizedPairs, list[int]]:
         """Token ids of the pairs that fit max_tokens, and their indices in `corpus`."""
-        src, tgt = self.tokenizer.encode_batch(corpus.src), self.tokenizer.encode_batch(corpus.tgt)
-        keep, _ = filter_long_pairs(src, tgt, corpus.origins, self.max_tokens)
+        pairs = TokenizedPairs.encode(corpus, self.tokenizer)
+        keep, _ = filter_long_pairs(pairs.src_lengths, pairs.tgt_lengths, corpus.origins, self.max_tokens)
         if not keep:
             raise UserError(f"no {what} pair is at most {self.max_tokens} tokens long")
-        return [src[i] for i in keep], [tgt[i] for i in keep], keep
+        return (pairs if len(keep) == len(pairs) else pairs.select(keep)), keep
 
     # --- what the engine calls -------------------------------------------------------------
 
     def global_batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of (1-based) optimizer step `step`: src, tgt_in, tgt_out, each (B, ·)."""
-        rows = self.schedule(step - 1)
-        return self._collate([self.train_src[i] for i in rows], [self.train_tgt[i] for i in rows])
+        return self._collate(self.train_pairs, self.schedule(step - 1))
 
-    def _collate(self, src, tgt):
+    def _collate(self, pairs: TokenizedPairs, rows) -> dict[str, torch.Tensor]:
         t = self.tokenizer
-        return collate(src, tgt, t.pad_id, t.bos_id, t.eos_id)
+        return collate([pairs.source(i) for i in rows], [pairs.target(i) for i in rows], t.pad_id,
+                       self.model_config.start_id, t.eos_id)
 
     def loss(self, model, batch, label_smoothing: float = LABEL_SMOOTHING) -> tuple[torch.Tensor, int]:
         """Sum over the non-pad target tokens of the label-smoothed cross-entropy (§5.4), and
@@ -160,7 +161,7 @@ class TranslationTask:
         device = next(model.parameters()).device
         totals = torch.zeros(3, dtype=torch.float64)
         for rows in self.valid_batches:
-            batch = self._collate([self.valid_src[i] for i in rows], [self.valid_tgt[i] for i in rows])
+            batch = self._collate(self.valid_pairs, rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             smoothed, n = self.loss(model, batch)
             plain, _ = self.loss(model, batch, label_smoothing=0.0)
@@ -203,9 +204,10 @@ class TranslationTask:
         c = self.model_config
         n_enc = sum(p.numel() for p in self.model.encoder_layers.parameters())
         n_dec = sum(p.numel() for p in self.model.decoder_layers.parameters())
-        src_tokens = sum(len(s) + 1 for s in self.train_src)
-        tgt_tokens = sum(len(t) + 1 for t in self.train_tgt)
-        r, s_mean, t_mean = src_tokens / tgt_tokens, src_tokens / len(self.train_src), tgt_tokens / len(self.train_tgt)
+        n_pairs = len(self.train_pairs)
+        src_tokens = int(self.train_pairs.src_lengths.sum()) + n_pairs  # + </s>
+        tgt_tokens = int(self.train_pairs.tgt_lengths.sum()) + n_pairs
+        r, s_mean, t_mean = src_tokens / tgt_tokens, src_tokens / n_pairs, tgt_tokens / n_pairs
         dense = 6 * (n_enc * r + n_dec + c.vocab_size * c.d_model)
         attention = 12 * c.d_model * (c.n_encoder_layers * s_mean * r + c.n_decoder_layers * (t_mean + s_mean))
         return float(dense + attention)
@@ -249,16 +251,17 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str = 
     if config.resume and (out / TOKENIZER_FILE).exists():
         tokenizer = BPETokenizer.load(out / TOKENIZER_FILE)  # the run's own, not a retrained one
     else:
-        tokenizer = BPETokenizer.train(train_corpus.src + train_corpus.tgt, vocab_size=vocab_size)
+        tokenizer = BPETokenizer.train(chain(train_corpus.src, train_corpus.tgt), vocab_size=vocab_size)
     model_config = TransformerConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
     task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
                            seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples)
+    del train_corpus  # the task holds the token ids; the text need not stay in memory beside them
     config.noam_d_model = model_config.d_model
     # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.
     config.batch_size = int(os.environ.get("WORLD_SIZE", 1)) * config.grad_accum
     if config.resume:
         task.check_resume(out)
-    print(f"train: {len(task.train_src)} pairs; valid: {len(task.valid_src)} pairs; "
+    print(f"train: {len(task.train_pairs)} pairs; valid: {len(task.valid_pairs)} pairs; "
           f"vocab {tokenizer.vocab_size}; {sum(p.numel() for p in task.model.parameters()):,} parameters",
           file=sys.stderr)
     return Trainer(task, config, command=command).fit()
