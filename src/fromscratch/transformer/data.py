@@ -341,7 +341,7 @@ class TokenizedPairs:
         self.src, self.src_offsets, self.tgt, self.tgt_offsets = src, src_offsets, tgt, tgt_offsets
 
     @classmethod
-    def encode(cls, corpus: ParallelCorpus, tokenizer, chunk_pairs: int = 20_000) -> "TokenizedPairs":
+    def encode(cls, corpus: ParallelCorpus, tokenizer, chunk_pairs: int = 4096) -> "TokenizedPairs":
         """Tokenize `corpus` a chunk of pairs at a time (only one chunk's Python lists exist at once)."""
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
         sides = []
