@@ -37,3 +37,19 @@ def test_linear_cross_entropy_is_exact_when_the_target_probability_underflows():
     got.backward()
     expected_grad, = torch.autograd.grad(F.cross_entropy(h @ weight.t(), targets, reduction="sum"), weight)
     torch.testing.assert_close(weight.grad, expected_grad)
+
+
+def test_label_smoothing_and_a_bias_equal_pytorch():
+    """What the Transformer trains with: label smoothing 0.1 over the vocabulary and Marian's
+    logits bias; value and every gradient as F.cross_entropy(label_smoothing=...)."""
+    h = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    bias = torch.randn(30, requires_grad=True)
+    targets = torch.randint(0, 30, (40,))
+    targets[:4] = 0  # padding, ignored
+    expected = F.cross_entropy(h @ weight.t() + bias, targets, ignore_index=0, reduction="sum", label_smoothing=0.1)
+    got = linear_cross_entropy(h, weight, targets, ignore_index=0, reduction="sum", chunk_rows=9, bias=bias,
+                               label_smoothing=0.1)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad(got * 2.0, (h, weight, bias)), torch.autograd.grad(expected * 2.0, (h, weight, bias))):
+        torch.testing.assert_close(g, e)

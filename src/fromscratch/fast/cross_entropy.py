@@ -14,26 +14,32 @@ import torch
 from fromscratch.errors import UserError
 from fromscratch.fast.gemm import matmul_transposed, use_onednn
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Σᵢ −log softmax(hᵢ·Wᵀ)[targetᵢ] over the rows of h, a chunk of rows at a time.
+    """Σᵢ of the (label-smoothed) cross-entropy of softmax(hᵢ·Wᵀ + b) against targetᵢ, over the
+    rows of h, a chunk of rows at a time.
 
+    With label smoothing ε (PyTorch's convention: ε spread over the whole vocabulary of size V)
+    a row's loss is (1 − ε)(lse − z_target) + ε(lse − mean z), with lse = logsumexp(z).
     The loss is the end of the graph, so its gradient with respect to the logits is known in
-    the forward pass: softmax(logits) − onehot(target). Forward therefore turns each chunk's
-    probabilities into that gradient in place, takes the two products that need it
-    (∂h = g·W and ∂W += gᵀ·h), and drops it: the (rows, vocab) logits never exist whole.
+    the forward pass: softmax(z) − (1 − ε)·onehot(target) − ε/V. Forward therefore turns each
+    chunk's probabilities into that gradient in place, takes the products that need it
+    (∂h = g·W, ∂W += gᵀ·h, ∂b += Σ g), and drops it: the (rows, vocab) logits never exist whole.
     Backward only scales the stored gradients by the incoming one.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int, onednn: bool):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, chunk_rows: int,
+                onednn: bool):
+        needs_grad = any(ctx.needs_input_grad[:3])
         w = weight.to(h.dtype)
+        vocab = w.size(0)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
         grad_weight = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=h.device) if needs_grad and bias is not None else None
         # One (chunk_rows, vocab) buffer serves every chunk: a fresh one each time would cost page
         # faults on every chunk (each is tens of MB).
         rows_per_chunk = min(chunk_rows, h.size(0))
-        probs_buffer = torch.empty(rows_per_chunk, w.size(0), dtype=torch.float32, device=h.device)
+        probs_buffer = torch.empty(rows_per_chunk, vocab, dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[start:start + chunk_rows], targets[start:start + chunk_rows]
             n = len(t_chunk)
@@ -41,26 +47,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t_safe = t_chunk.masked_fill(~keep, 0)
             rows = torch.arange(n, device=h.device)
             logits = matmul_transposed(h_chunk, w, onednn).float()  # (rows, vocab)
+            if bias is not None:
+                logits += bias.float()
             probs = torch.softmax(logits, dim=-1, out=probs_buffer[:n])
-            total += (token_losses(logits, probs, rows, t_safe) * keep).sum()
+            losses = token_losses(logits, probs, rows, t_safe)  # lse − z_target
+            if label_smoothing:
+                lse = losses + logits[rows, t_safe]
+                losses = (1 - label_smoothing) * losses + label_smoothing * (lse - logits.mean(dim=-1))
+            total += (losses * keep).sum()
             if needs_grad:
-                grad = probs  # becomes softmax − onehot, in place
-                grad[rows, t_safe] -= 1.0
+                grad = probs  # becomes softmax − (1 − ε)·onehot − ε/V, in place
+                grad[rows, t_safe] -= 1.0 - label_smoothing
+                if label_smoothing:
+                    grad -= label_smoothing / vocab
                 if not keep.all():
                     grad[~keep] = 0.0
+                if grad_bias is not None:
+                    grad_bias += grad.sum(dim=0)
                 grad = grad.to(h.dtype)
                 grad_h[start:start + chunk_rows] = matmul_transposed(grad, w.t(), onednn)  # g·W
                 if start == 0:  # the first chunk's product initialises ∂W
                     torch.mm(grad.t().float(), h_chunk.float(), out=grad_weight)
                 else:
                     grad_weight.addmm_(grad.t().float(), h_chunk.float())
-        ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype) if needs_grad else None)
+        ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype) if needs_grad else None,
+                              grad_bias.to(bias.dtype) if grad_bias is not None else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_total, grad_weight * grad_total, None, None, None, None
+        grad_h, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [g * grad_total if g is not None else None for g in (grad_h, grad_weight, grad_bias)]
+        return (*scaled, None, None, None, None, None)
 
 
 def token_losses(logits: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor,
@@ -78,10 +96,11 @@ def token_losses(logits: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor,
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean",
-                         chunk_rows: int | None = None) -> torch.Tensor:
-    """F.cross_entropy(h @ weight.T, targets) for h (N, d), weight (vocab, d), targets (N,),
-    computed a chunk of rows at a time so the (N, vocab) logits are never held whole.
+                         ignore_index: int = -100, reduction: str = "mean", chunk_rows: int | None = None,
+                         bias: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T + bias, targets, label_smoothing=...) for h (N, d), weight
+    (vocab, d), targets (N,), computed a chunk of rows at a time so the (N, vocab) logits are
+    never held whole.
 
     With Llama 2's 32k vocabulary the logits are the largest tensor of a training step
     (8 × 256 tokens: 262 MB in float32, plus as much again for their gradient); skipping them
@@ -90,7 +109,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if reduction not in ("mean", "sum"):
         raise UserError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     chunk_rows = chunk_rows or max(1, 2**23 // weight.size(0))
-    total = _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows, use_onednn(h, weight))
+    total = _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, chunk_rows,
+                                      use_onednn(h, weight))
     if reduction == "sum":
         return total
     return total / (targets != ignore_index).sum().clamp(min=1)
