@@ -18,6 +18,10 @@ The engine knows nothing about any model. A *task* supplies the model-specific p
                                     run.json so that a run is never resumed or loaded as another
     task.after_step(model, dist)    called after each optimizer step (optional; e.g. the MoE's
                                     bias balancing)
+    task.step_metrics(dist)         extra columns for this step's row of metrics.csv, a dict of
+                                    floats with the same keys every step (optional; called on
+                                    every process after each step, so it may all-reduce; e.g.
+                                    the MoE's load per expert)
 
 Why the loss is a *sum*: the global batch is split over P processes and A accumulation steps.
 Each micro-batch's summed loss is back-propagated, the token count is all-reduced, and the
@@ -360,6 +364,8 @@ class Trainer:
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "skipped": int(bad),
                 }
+                if hasattr(self.task, "step_metrics"):
+                    last.update(self.task.step_metrics(info))
                 if info.is_main:
                     log.write(last)
                     board.write(last, step, "train")

@@ -31,13 +31,7 @@ def register(commands) -> None:
     verbs = llama.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     train = verbs.add_parser("train", help="train a Llama from scratch on text files")
-    train.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                       help="UTF-8 text files, or hf:NAME[:SPLIT[:FIELD]] for a hub dataset")
-    train.add_argument("--preset", default="tiny", help="model size (tiny, small, stories15m, 7b, ...)")
-    train.add_argument("--tokenizer", help="a SentencePiece .model or tokenizer.json (default: train one)")
-    train.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained when none is given")
-    train.add_argument("--seq-len", type=int, default=None, help="training context length (default: min(preset, 256))")
-    add_train_arguments(train, DEFAULTS)
+    add_language_model_arguments(train, "model size (tiny, small, stories15m, 7b, ...)")
     train.set_defaults(func=train_command)
 
     generate = verbs.add_parser(
@@ -46,16 +40,7 @@ def register(commands) -> None:
                     "Stops after --max-new-tokens, at the end of the model's context, at EOS, or at BOS "
                     "(which starts the next document in text tokenized as `llama train` does).",
     )
-    generate.add_argument("--checkpoint", required=True, metavar="PATH",
-                          help="Hugging Face or Meta directory, llama2.c .bin, or a training run directory")
-    generate.add_argument("--tokenizer", metavar="PATH", help="default: the tokenizer found next to the checkpoint")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_generate_arguments(generate, "Hugging Face or Meta directory, llama2.c .bin, or a training run directory")
     generate.set_defaults(func=generate_command)
 
     convert = verbs.add_parser("convert", help="write any supported checkpoint as a Hugging Face directory")
@@ -64,6 +49,31 @@ def register(commands) -> None:
     convert.add_argument("--tokenizer", metavar="PATH",
                          help="copied into DIR (default: the one next to the checkpoint)")
     convert.set_defaults(func=convert_command)
+
+
+def add_language_model_arguments(train, preset_help: str) -> None:
+    """The flags of `llama train` (and of the models built on Llama): data, preset, tokenizer,
+    context length, and the engine's."""
+    train.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                       help="UTF-8 text files, or hf:NAME[:SPLIT[:FIELD]] for a hub dataset")
+    train.add_argument("--preset", default="tiny", help=preset_help)
+    train.add_argument("--tokenizer", help="a SentencePiece .model or tokenizer.json (default: train one)")
+    train.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained when none is given")
+    train.add_argument("--seq-len", type=int, default=None, help="training context length (default: min(preset, 256))")
+    add_train_arguments(train, DEFAULTS)
+
+
+def add_generate_arguments(generate, checkpoint_help: str) -> None:
+    """The flags of `llama generate` (and of the models built on Llama)."""
+    generate.add_argument("--checkpoint", required=True, metavar="PATH", help=checkpoint_help)
+    generate.add_argument("--tokenizer", metavar="PATH", help="default: the tokenizer found next to the checkpoint")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
 def train_command(args) -> None:
@@ -81,11 +91,17 @@ def generate_command(args) -> None:
     Decoding stops at EOS, and also at BOS: in text tokenized the way `llama train` (and
     llama2.c) does it, a BOS starts the next document, so what follows is unrelated to the prompt.
     """
+    generate_from_checkpoint(args, Llama, read_checkpoint)
+
+
+def generate_from_checkpoint(args, model_class: type, read) -> None:
+    """`generate_command` for Llama or a model built on it: `read(spec)` returns the checked
+    `Checkpoint` that `--checkpoint` names, and a `model_class` is built from it."""
     prompt_text = checked_text(args.prompt, "--prompt")
     check_sampling_options(args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device)
-    ckpt = read_checkpoint(args.checkpoint)
-    model = accelerate(build_model(Llama, ckpt).to(device).eval())
+    ckpt = read(args.checkpoint)
+    model = accelerate(build_model(model_class, ckpt).to(device).eval())
     print_generation(model, checkpoint_tokenizer(args, ckpt.path), prompt_text, args)
 
 

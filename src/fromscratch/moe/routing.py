@@ -261,8 +261,7 @@ class MoEFeedForward(nn.Module):
         expert_of_slot = chosen.t().reshape(-1)  # (k·N,)
         gate_of_slot = gates.t().reshape(-1)  # (k·N,)
         slots_per_expert = torch.bincount(expert_of_slot, minlength=self.n_experts)  # (E,)
-        capacity = (None if self.capacity_factor is None
-                    else math.ceil(self.capacity_factor * k * n_tokens / self.n_experts))
+        capacity = self.capacity(n_tokens)
 
         method = self.dispatch_method(x_flat, len(expert_of_slot))
         if method == "gather":
@@ -298,10 +297,18 @@ class MoEFeedForward(nn.Module):
             "router_entropy": router_entropy(probs.detach()),
         }
         if self.training and self.balance == "bias":
-            if self.observed_load.device != x.device:
-                self.observed_load = self.observed_load.to(x.device)
+            if self.observed_load.device != x.device:  # the model moved, or was built on the meta device
+                self.observed_load = (torch.zeros_like(self.observed_load, device=x.device)
+                                      if self.observed_load.is_meta else self.observed_load.to(x.device))
             self.observed_load += slots_per_expert
         return out.view(x.shape)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Switch eq. 3: how many of the k·n_tokens token-slots of a batch each expert takes
+        (None: dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts)
 
     def dispatch_method(self, x: torch.Tensor, n_slots: int) -> str:
         """`dispatch`, or for "auto": gather when there are fewer slots than experts (decoding),

@@ -50,6 +50,16 @@ def hf_to_meta_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, d_in).transpose(1, 2).reshape(rows, d_in)
 
 
+def hf_to_meta_layout(name: str, tensor: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    """A Hugging Face tensor, already under its Meta `name`, in Meta's layout: wq/wk rows back to
+    adjacent RoPE pairs; every other tensor as it is."""
+    if name.endswith("attention.wq.weight"):
+        return hf_to_meta_permute(tensor, config.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return hf_to_meta_permute(tensor, config.kv_heads)
+    return tensor
+
+
 # --- key names and config.json ----------------------------------------------------------------
 
 _HF_LAYER = {
@@ -158,10 +168,7 @@ def read_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
     for key, tensor, where in read_weights(directory, skip=lambda key: key.endswith("rotary_emb.inv_freq")):
         name = hf_key_to_meta(key) or key
         if tuple(tensor.shape) == shapes.get(name):  # a wrong shape is reported by check()
-            if name.endswith("attention.wq.weight"):
-                tensor = hf_to_meta_permute(tensor, config.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                tensor = hf_to_meta_permute(tensor, config.kv_heads)
+            tensor = hf_to_meta_layout(name, tensor, config)
         sd[name], origin[name] = tensor, where
     return Checkpoint(directory, "huggingface", config, str(config_path), cast(sd, dtype), origin,
                       stored_as=meta_key_to_hf)
