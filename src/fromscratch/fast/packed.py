@@ -1,0 +1,45 @@
+"""Weights laid out for one-row products: what makes decoding one token at a time fast on a CPU.
+
+A decoding step multiplies one row per sequence by every weight matrix, so it costs the time to
+stream the weights from memory. nn.Linear stores W as (out, in); for one row MKL streams that
+layout at ~8 GB/s on one core. Here each matrix is kept transposed and cut into column blocks
+stacked as a batch, so that one `torch.bmm` shares the blocks among the cores and streams them at
+25–34 GB/s on the 2-core machine of `bench/` (docs/performance.md). Used by every model's packed
+decoding step (`fromscratch.llama.fast`, `fromscratch.transformer.fast`).
+"""
+
+import torch
+
+
+def column_blocks(weight: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """nn.Linear's (out, in) weight W → Wᵀ cut into `n_blocks` column blocks: (n_blocks, in, out/n_blocks)."""
+    d_out, d_in = weight.shape
+    return weight.t().reshape(d_in, n_blocks, d_out // n_blocks).transpose(0, 1).contiguous()
+
+
+def blocked_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ for x (B, in) and W in `column_blocks` form → (B, out). One bmm: a block per batch entry."""
+    n_blocks, _, block_out = blocks.shape
+    out = torch.bmm(x.expand(n_blocks, *x.shape), blocks)  # (n_blocks, B, out/n_blocks)
+    return out.transpose(0, 1).reshape(x.size(0), n_blocks * block_out)  # a view when B == 1
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """`column_blocks` with the number of blocks chosen by `n_column_blocks`."""
+    return column_blocks(weight.detach(), n_column_blocks(weight.size(0)))
+
+
+def n_column_blocks(d_out: int) -> int:
+    """How many column blocks to cut a matrix with `d_out` columns into.
+
+    Chosen by timing whole decoding steps of `stories15m` on 2 cores: blocks of ~16 columns for
+    the layers' matrices were fastest (far faster than one block per core), but only two blocks
+    per core for the 32,000-wide classifier; and always a multiple of the core count, so that no
+    core waits for another.
+    """
+    cores = torch.get_num_threads()
+    target = 2 * cores if d_out >= 4096 else max(cores, d_out // 16)
+    for n in range(target, 0, -1):
+        if d_out % n == 0 and (n % cores == 0 or n < cores):
+            return n
+    return 1
