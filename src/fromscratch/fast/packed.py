@@ -43,3 +43,31 @@ def n_column_blocks(d_out: int) -> int:
         if d_out % n == 0 and (n % cores == 0 or n < cores):
             return n
     return 1
+
+
+def weights_key(model: torch.nn.Module) -> tuple | None:
+    """Changes whenever a parameter of `model` is replaced (its storage) or written in place (its
+    version counter: optimizer steps, load_state_dict). None when that cannot be told: tensors
+    made under torch.inference_mode() keep no version counter."""
+    key = []
+    for p in model.parameters():
+        if p.is_inference():
+            return None
+        key.append((p.data_ptr(), p._version))
+    return tuple(key)
+
+
+class PackedCopy:
+    """A packed copy of `model`'s weights, `pack(model)`, made on first use and made again
+    whenever the weights change (`weights_key`), so that it never serves stale weights."""
+
+    def __init__(self, model: torch.nn.Module, pack):
+        self.model, self.pack = model, pack
+        self.packed, self.key = None, None
+
+    def current(self):
+        key = weights_key(self.model)
+        if self.packed is None or key is None or key != self.key:
+            self.packed = None  # free the stale copy before making anew
+            self.packed, self.key = self.pack(self.model), key
+        return self.packed

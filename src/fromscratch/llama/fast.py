@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from fromscratch.blocks import scaled_dot_product_attention
 from fromscratch.fast import gemm
 from fromscratch.fast.cross_entropy import lm_cross_entropy
-from fromscratch.fast.packed import blocked_matmul, column_blocks, n_column_blocks, packed  # noqa: F401
+from fromscratch.fast.packed import PackedCopy, blocked_matmul, column_blocks, n_column_blocks, packed  # noqa: F401
 from fromscratch.llama.model import Attention, FeedForward, Llama, RMSNorm, TransformerBlock, apply_rope
 
 PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through Llama.forward instead
@@ -139,14 +139,12 @@ class PackedLlama:
         return blocked_matmul(self.model.norm(x), self.output).float()
 
 
-class PackedDecoder:
+class PackedDecoder(PackedCopy):
     """`model.decode_step` after `accelerate`: a `PackedLlama` of the model's current weights,
     made on the first call and made again whenever a parameter is replaced or written in place."""
 
     def __init__(self, model: Llama):
-        self.model = model
-        self.packed: PackedLlama | None = None
-        self.key: tuple | None = None
+        super().__init__(model, PackedLlama)
 
     @staticmethod
     def supports(model: Llama) -> bool:
@@ -161,23 +159,8 @@ class PackedDecoder:
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         return known and weight.device.type == "cpu" and size <= PACK_MAX_BYTES
 
-    def weights_key(self) -> tuple | None:
-        """Changes whenever a parameter is replaced (its storage) or written in place (its version
-        counter: optimizer steps, load_state_dict). None when that cannot be told: tensors made
-        under torch.inference_mode() keep no version counter."""
-        key = []
-        for p in self.model.parameters():
-            if p.is_inference():
-                return None
-            key.append((p.data_ptr(), p._version))
-        return tuple(key)
-
     def __call__(self, tokens: torch.Tensor, cache, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B,) at the position after the cached ones → logits (B, vocab_size)."""
         if not self.supports(self.model):  # moved to a GPU since `accelerate`, say
             return self.model(tokens[:, None], cache=cache, pad_lengths=pad_lengths)[:, -1]
-        key = self.weights_key()
-        if self.packed is None or key is None or key != self.key:
-            self.packed = None  # free the stale copy before making anew
-            self.packed, self.key = PackedLlama(self.model), key
-        return self.packed.step(tokens, cache, pad_lengths)
+        return self.current().step(tokens, cache, pad_lengths)
