@@ -154,3 +154,52 @@ def test_beam_search_runs_the_prompt_once_then_expands_to_beams():
     chain = MarkovChain(_table(), 2)
     beam_search(chain, torch.tensor([[1, 2, 3], [2, 3, 4]]), 4, beam_size=3, eos_id=None)
     assert chain.calls[0] == 3 and len(chain.rows) == 6  # 2 prompts → 2·3 beams
+
+
+# --- the "hf" style: transformers' beam search -------------------------------------------------
+
+
+def hf_beam_search_by_hand(table, start: int, k: int, alpha: float, max_new: int, eos: int, banned: int):
+    """transformers' beam search (its vectorised one, GenerationMixin._beam_search, with
+    early_stopping=False) for one prompt, written out with lists: the K best of the top-2K
+    candidates that end (EOS among the best K; at the limit, all of the best K) join the K best
+    finished, scored log P / |Y|^α; done when K have finished and the best running beam at its
+    length scores no better than the worst of them. Log-probabilities in float32, as it has them."""
+    log_probs = table.float().log_softmax(-1)
+    log_probs[:, banned] = float("-inf")  # its bad_words_ids: after the log-softmax
+    running, finished = [(torch.tensor(0.0), [])], []
+    for t in range(1, max_new + 1):
+        candidates = sorted(((score + log_probs[seq[-1] if seq else start, v], seq + [v])
+                             for score, seq in running for v in range(table.size(1))),
+                            key=lambda c: float(c[0]), reverse=True)[: 2 * k]
+        for score, seq in candidates[:k]:
+            if seq[-1] == eos or t == max_new:
+                finished.append((float(score / t**alpha), seq))
+        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:k]
+        running = [c for c in candidates if c[1][-1] != eos][:k]
+        if len(finished) == k and float(running[0][0] / t**alpha) <= finished[-1][0]:
+            break
+    return finished[0][1]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0, 0.6, 2.0, -0.5])
+def test_hf_style_beam_search_equals_transformers_algorithm_written_by_hand(alpha):
+    """Many small random problems, beams of 1–3, limits of 1–6, one banned token."""
+    eos, banned, vocab = 0, 7, 8
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(seed)
+        table = torch.randn(vocab, vocab, generator=generator) * 2
+        table[:, eos] += 1.0  # hypotheses end at many lengths
+        table[:, banned] += 2.0  # a likely banned token: its mass is removed, not renormalised away
+        k, max_new = seed % 3 + 1, seed % 6 + 1
+        prompt = torch.tensor([[1], [4]])
+        got = beam_search(MarkovChain(table, 2), prompt, max_new, beam_size=k, alpha=alpha, eos_id=eos,
+                          pad_id=banned, length_penalty_style="hf", banned=torch.tensor([banned]))
+        for row, start in zip(got.tolist(), (1, 4)):
+            expected = hf_beam_search_by_hand(table, start, k, alpha, max_new, eos, banned)
+            assert row == expected + [banned] * (len(row) - len(expected)), (seed, k, max_new)
+
+
+def test_beam_search_refuses_an_unknown_style():
+    with pytest.raises(UserError, match="length_penalty_style 'marian'"):
+        beam_search(MarkovChain(_table(), 1), torch.tensor([[1]]), 3, length_penalty_style="marian")

@@ -14,6 +14,15 @@ tokens for Llama — and stop at `eos_id` (None: never) or after `max_new_tokens
 Beam search ranks finished hypotheses by log P(Y | X) / lp(|Y|) with GNMT's length penalty
 lp(n) = ((5 + n) / 6)^α (Wu et al. 2016, eq. 14), |Y| counting its tokens including EOS;
 §6.1 uses beam 4 and α = 0.6.
+
+`length_penalty_style="hf"` reproduces Hugging Face transformers' beam search instead (its
+`generate(num_beams=K, length_penalty=α)` with the default `early_stopping=False`), token for
+token: lp(n) = n^α; a prompt keeps its K best finished hypotheses and is done once it has K of
+them and its best running beam, scored at its current length, is no better than the worst (a
+heuristic: a longer continuation could still have won); at the length limit the best K
+candidates all count as finished, EOS or not. The tokens passed as `banned` are set to −∞ after
+the log-softmax, as transformers' `bad_words_ids` does, so the others keep their unnormalised
+log-probabilities.
 """
 
 from collections.abc import Callable
@@ -22,6 +31,9 @@ from typing import Protocol
 import torch
 
 from fromscratch.blocks.sampling import sample_next_token
+from fromscratch.errors import UserError
+
+LENGTH_PENALTY_STYLES = ("gnmt", "hf")
 
 
 class NextTokenLogits(Protocol):
@@ -70,22 +82,39 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
     return ((5 + length) / 6) ** alpha
 
 
+def hf_length_penalty(length: int, alpha: float) -> float:
+    """transformers' lp(Y) = |Y|^α (α is its `length_penalty`, 1.0 by default)."""
+    return length**alpha
+
+
 @torch.no_grad()
 def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, beam_size: int = 4,
-                alpha: float = 0.6, eos_id: int | None = None, pad_id: int = 0) -> torch.Tensor:
+                alpha: float = 0.6, eos_id: int | None = None, pad_id: int = 0, length_penalty_style: str = "gnmt",
+                banned: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the `beam_size` most probable continuations of every prompt, all prompts batched.
 
     prompt (B, t₀) → (B, L): each prompt's finished hypothesis of highest log P / lp (the new
     tokens only, EOS included, right-padded with pad_id); a prompt with none finished after
-    max_new_tokens gets its best unfinished beam.
+    max_new_tokens gets its best unfinished beam. `length_penalty_style` "gnmt" or "hf" and
+    `banned` (token ids never produced) are explained in the module docstring.
     """
+    if length_penalty_style not in LENGTH_PENALTY_STYLES:
+        raise UserError(f"length_penalty_style {length_penalty_style!r}: "
+                        f"choose one of {', '.join(LENGTH_PENALTY_STYLES)}")
+    hf = length_penalty_style == "hf"
+    lp = hf_length_penalty if hf else gnmt_length_penalty
+
+    def step_log_probs(tokens: torch.Tensor) -> torch.Tensor:
+        log_probs = next_logits(tokens).log_softmax(dim=-1)
+        return log_probs if banned is None else log_probs.index_fill(1, banned, float("-inf"))
+
     batch, k = prompt.size(0), beam_size
     device = prompt.device
     if max_new_tokens == 0:
         return prompt.new_empty(batch, 0)
     # The prompt goes through the model once per row; then each row becomes K beams, side by
     # side in one batch of B·K rows: row b·K + j is beam j of prompt b.
-    log_probs = next_logits(prompt).log_softmax(dim=-1)  # (B, V)
+    log_probs = step_log_probs(prompt)  # (B, V)
     expand = torch.arange(batch, device=device).repeat_interleave(k)
     next_logits.reorder(expand)
     log_probs, tokens = log_probs[expand], prompt[expand]
@@ -98,9 +127,10 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
     best_scores = torch.full((batch,), float("-inf"), device=device)  # log P / lp of `best`
     best_lengths = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    kept_scores = torch.full((batch, k), float("-inf"), device=device)  # "hf": the K best finished, best first
     for t in range(1, max_new_tokens + 1):  # t: hypothesis length after this step
         if t > 1:
-            log_probs = next_logits(tokens).log_softmax(dim=-1)  # (B·K, V)
+            log_probs = step_log_probs(tokens)  # (B·K, V)
         vocab = log_probs.size(1)
         scores = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
         # Of the best 2K extensions at most K end in EOS, so at least K remain to continue.
@@ -109,16 +139,21 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
         is_eos = top_tokens == eos_id if eos_id is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
 
         # An EOS among the best K finishes a hypothesis; keep it if it beats the prompt's best.
-        finished = torch.where(is_eos[:, :k], top_scores[:, :k] / gnmt_length_penalty(t, alpha), float("-inf"))
+        ends = is_eos[:, :k]
+        if hf:  # at the length limit all of the best K end; a prompt already done takes no more
+            ends = (ends | (t == max_new_tokens)) & ~done[:, None]
+        finished = torch.where(ends, top_scores[:, :k] / lp(t, alpha), float("-inf"))
         finished_score, j = finished.max(dim=1)  # (B,)
         improved = finished_score > best_scores
         if improved.any():
             rows = (first_row + top_beams.gather(1, j[:, None])).squeeze(1)
-            eos = torch.full((batch, 1), eos_id, dtype=torch.long, device=device)
-            hypotheses = torch.cat([tokens[rows, start:], eos], dim=1)  # (B, t)
+            last = top_tokens.gather(1, j[:, None])  # EOS (or, "hf" at the limit, the last token)
+            hypotheses = torch.cat([tokens[rows, start:], last], dim=1)  # (B, t)
             best[improved, :t] = hypotheses[improved]
             best_scores = torch.where(improved, finished_score, best_scores)
             best_lengths[improved] = t
+        if hf:
+            kept_scores = torch.cat([kept_scores, finished], dim=1).topk(k, dim=1).values
 
         # The best K extensions that did not end are the next step's beams.
         beam_scores, i = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (B, K)
@@ -126,14 +161,19 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
         tokens = torch.cat([tokens[rows], top_tokens.gather(1, i).view(-1, 1)], dim=1)
         next_logits.reorder(rows)
 
-        # A prompt is done when no beam can still beat its best: log P only falls as beams
-        # grow, and lp grows at most to lp(max_new_tokens).
-        done |= best_scores >= beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
+        if hf:  # transformers' heuristic: K finished, and the best beam at its length no better than the worst
+            worst = kept_scores[:, -1]
+            done |= (worst > float("-inf")) & (beam_scores[:, 0] / lp(t, alpha) <= worst)
+        else:
+            # A prompt is done when no beam can still beat its best: log P only falls as beams
+            # grow, and lp grows at most to lp(max_new_tokens).
+            done |= best_scores >= beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
         if done.all():
             break
-    else:  # out of steps: the unfinished beams, now max_new_tokens long, compete too
-        unfinished = beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
-        improved = unfinished > best_scores
-        best[improved] = tokens.view(batch, k, -1)[improved, 0, start:]
-        best_lengths[improved] = max_new_tokens
+    else:  # out of steps: the unfinished beams, now max_new_tokens long, compete too ("hf": done above)
+        if not hf:
+            unfinished = beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
+            improved = unfinished > best_scores
+            best[improved] = tokens.view(batch, k, -1)[improved, 0, start:]
+            best_lengths[improved] = max_new_tokens
     return best[:, :int(best_lengths.max())]

@@ -68,7 +68,8 @@ MARIAN_HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", 
                     "generation_config.json"]
 
 
-def save_marian(model, out_dir) -> Path:
+def save_marian(model, out_dir, tokenizer_dir=None) -> Path:
+    """Write `model` as a Hugging Face Marian directory (with the Marian tokenizer of `tokenizer_dir`)."""
     from fromscratch.transformer import marian
 
-    return marian.write_marian(model, out_dir)
+    return marian.write_marian(model, out_dir, tokenizer_dir)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fromscratch.config import ModelConfig
 from fromscratch.errors import UserError
 
-ACTIVATIONS = ("relu", "swish", "gelu")
+ACTIVATIONS = ("relu", "swish", "gelu", "quick_gelu")
 POSITION_LAYOUTS = ("interleaved", "halves")
 
 
@@ -32,7 +32,7 @@ class TransformerConfig(ModelConfig):
     norm_eps: float = 1e-5
     use_sdpa: bool = True  # PyTorch's fused attention kernel; False: the explicit maths
     # --- beyond the paper (OPUS-MT / Marian) ---
-    activation: str = "relu"  # the FFN's non-linearity: relu (§3.3), swish (Marian), gelu
+    activation: str = "relu"  # the FFN's non-linearity: relu (§3.3), swish (Marian), gelu, quick_gelu (CLIP)
     positions: str = "interleaved"  # sinusoid table: sin/cos interleaved (§3.5) or "halves" (Marian)
     scale_embeddings: bool = True  # multiply embeddings by √d_model (§3.4)
     logits_bias: bool = False  # a learned bias added to the output logits (Marian's final_logits_bias)

@@ -11,6 +11,10 @@ positions' keys and values are kept, and the encoder output's are projected once
 runs the decoder over the whole prefix again. Both give the same tokens. The padding token and
 the decoder's start token are never generated.
 
+`length_penalty_style="hf"` makes beam search rank, stop and ban exactly as Hugging Face's
+`MarianMTModel.generate(num_beams=K, length_penalty=α)` does (`fromscratch.blocks.search`):
+with a Marian checkpoint the translations are then the same token for token.
+
 Every function returns (B, L) token ids: no leading start token, the EOS when one was produced,
 and pad_id after it.
 """
@@ -19,27 +23,31 @@ import torch
 
 from fromscratch.blocks import beam_search as shared_beam_search
 from fromscratch.blocks import check_sampling_options, gnmt_length_penalty, sample
+from fromscratch.blocks.search import LENGTH_PENALTY_STYLES
 from fromscratch.errors import UserError
 
 length_penalty = gnmt_length_penalty  # §6.1 ranks beams with GNMT's lp(Y) = ((5 + |Y|) / 6)^α
 
 
 class TranslationNextToken:
-    """Logits of the next target token for a batch of prefixes, given the encoded sources."""
+    """Logits of the next target token for a batch of prefixes, given the encoded sources.
+    The tokens never generated (`never`: pad, start) get −∞ logits, unless `ban` is False and
+    the search bans them itself."""
 
     def __init__(self, model, memory: torch.Tensor, src_mask: torch.Tensor, use_cache: bool,
-                 max_len: int | None = None):
+                 max_len: int | None = None, ban: bool = True):
         self.model, self.memory, self.src_mask = model, memory, src_mask
         self.cache = model.new_cache(max_len) if use_cache else None
         config = model.config
         self.never = torch.tensor(sorted({config.pad_id, config.start_id}), device=memory.device)
+        self.ban = ban
 
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         """prefix (N, t), starting with the start token → float32 logits (N, vocab_size) of token t + 1."""
         new = prefix if self.cache is None else prefix[:, self.cache.length :]
         hidden = self.model.decode(new, self.memory, self.src_mask, self.cache)  # (N, T_new, d_model)
         logits = self.model.logits(hidden[:, -1]).float()
-        return logits.index_fill(1, self.never, float("-inf"))
+        return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows `rows`: beam search moves each beam's state along with it."""
@@ -48,10 +56,10 @@ class TranslationNextToken:
             self.cache.reorder(rows)
 
 
-def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int):
+def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int, ban: bool = True):
     """The encoded sources, their next-token function, and the decoder's first input column."""
     memory, src_mask = model.encode(src_ids)
-    next_token = TranslationNextToken(model, memory, src_mask, use_cache, max_len=max_new_tokens + 1)
+    next_token = TranslationNextToken(model, memory, src_mask, use_cache, max_len=max_new_tokens + 1, ban=ban)
     start = torch.full((src_ids.size(0), 1), model.config.start_id, dtype=torch.long, device=src_ids.device)
     return next_token, start
 
@@ -71,27 +79,36 @@ def greedy_decode(model, src_ids, max_new_tokens: int, use_cache: bool = True, s
 
 
 @torch.no_grad()
-def beam_search(model, src_ids, max_new_tokens: int, beam_size: int = 4, alpha: float = 0.6, use_cache: bool = True):
+def beam_search(model, src_ids, max_new_tokens: int, beam_size: int = 4, alpha: float = 0.6, use_cache: bool = True,
+                length_penalty_style: str = "gnmt"):
     """Keep the beam_size most probable translations of every source, batched. src_ids (B, S) →
     (B, L): each source's finished hypothesis of highest log P / lp; a source with none by
-    max_new_tokens gets its best unfinished beam."""
+    max_new_tokens gets its best unfinished beam. length_penalty_style "hf": as transformers
+    (module docstring), which bans pad and start after the softmax rather than before."""
     config = model.config
-    next_token, start = _start(model, src_ids, use_cache, max_new_tokens)
-    return shared_beam_search(next_token, start, max_new_tokens, beam_size, alpha,
-                              eos_id=config.eos_id, pad_id=config.pad_id)
+    hf = length_penalty_style == "hf"
+    next_token, start = _start(model, src_ids, use_cache, max_new_tokens, ban=not hf)
+    return shared_beam_search(next_token, start, max_new_tokens, beam_size, alpha, eos_id=config.eos_id,
+                              pad_id=config.pad_id, length_penalty_style=length_penalty_style,
+                              banned=next_token.never if hf else None)
 
 
 @torch.no_grad()
 def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, beam_size: int = 1,
              length_penalty: float = 0.6, use_cache: bool = True, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> torch.Tensor:
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             length_penalty_style: str = "gnmt") -> torch.Tensor:
     """Translate src_ids (B, S): greedy when beam_size == 1 and temperature == 0, sampled when
     temperature > 0 (with top_k / top_p, reproducibly with `seed`), else beam search with the GNMT
-    length penalty α = length_penalty (§6.1 uses beam 4, α 0.6). Stops at EOS or after
+    length penalty α = length_penalty (§6.1 uses beam 4, α 0.6), or with transformers' ranking
+    and stopping rule when length_penalty_style is "hf" (its default α is 1.0). Stops at EOS or after
     max_new_tokens (default: source length + 50, §6.1; at most max_seq_len).
     Returns (B, L): no leading start token, the EOS when produced, right-padded with pad_id."""
     if beam_size < 1:
         raise UserError(f"beam_size must be at least 1, got {beam_size}")
+    if length_penalty_style not in LENGTH_PENALTY_STYLES:
+        raise UserError(f"length_penalty_style {length_penalty_style!r}: "
+                        f"choose one of {', '.join(LENGTH_PENALTY_STYLES)}")
     check_sampling_options(temperature, top_k, top_p)
     if beam_size > 1 and temperature > 0:
         raise UserError("beam search is deterministic: use temperature 0 with beam_size > 1, or beam_size 1 to sample")
@@ -106,7 +123,8 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
         if beam_size == 1:
             return greedy_decode(model, src_ids, max_new_tokens, use_cache=use_cache, temperature=temperature,
                                  top_k=top_k, top_p=top_p, generator=generator)
-        return beam_search(model, src_ids, max_new_tokens, beam_size, length_penalty, use_cache=use_cache)
+        return beam_search(model, src_ids, max_new_tokens, beam_size, length_penalty, use_cache=use_cache,
+                           length_penalty_style=length_penalty_style)
     finally:
         model.train(was_training)
 

@@ -106,13 +106,19 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # Concat(heads) W^O
 
 
-ACTIVATION_FUNCTIONS = {"relu": torch.relu, "swish": F.silu, "gelu": F.gelu}
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x·σ(1.702·x), the sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATION_FUNCTIONS = {"relu": torch.relu, "swish": F.silu, "gelu": F.gelu, "quick_gelu": quick_gelu}
 
 
 class FeedForward(nn.Module):
     """Position-wise feed-forward network, §3.3: FFN(x) = max(0, x W1 + b1) W2 + b2.
 
-    `activation` replaces max(0, ·) when asked: swish(u) = u·σ(u) (Marian) or GELU."""
+    `activation` replaces max(0, ·) when asked: swish(u) = u·σ(u) (Marian), GELU (ViT) or
+    CLIP's quick GELU."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu"):
         super().__init__()
@@ -161,16 +167,22 @@ class ResidualLayer(nn.Module):
 
 
 class EncoderLayer(ResidualLayer):
-    """An encoder layer, §3.1: self-attention over the source, then the FFN."""
+    """An encoder layer, §3.1: self-attention over the source, then the FFN.
 
-    def __init__(self, config: TransformerConfig):
+    With is_causal it is also the layer of a causal text encoder (CLIP's text tower, CoCa's
+    unimodal decoder), which can then run incrementally with a KV cache like the decoder."""
+
+    def __init__(self, config: TransformerConfig, layer_index: int = 0):
         super().__init__(config, n_sublayers=2)
-        self.self_attention = MultiHeadAttention(config.d_model, config.n_heads, config.use_sdpa)
+        self.self_attention = MultiHeadAttention(config.d_model, config.n_heads, config.use_sdpa, layer_index)
         self.feed_forward = FeedForward(config.d_model, config.d_ff, config.activation)
 
-    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, S, d_model); src_mask: (B, 1, 1, S), False at padding. Returns (B, S, d_model)."""
-        x = self.residual(x, 0, lambda h: self.self_attention(h, h, mask=src_mask))
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, S, d_model); src_mask: (B, 1, 1, S), False at padding (None: no padding).
+        is_causal: position i attends to positions ≤ i only; cache: the keys and values of the
+        positions before x (incremental decoding). Returns (B, S, d_model)."""
+        x = self.residual(x, 0, lambda h: self.self_attention(h, h, mask=src_mask, is_causal=is_causal, cache=cache))
         return self.residual(x, 1, self.feed_forward)
 
 
@@ -316,6 +328,7 @@ class Transformer(nn.Module):
         or a hub name (see checkpoints.py)."""
         return checkpoints.load_model(cls, path, device)
 
-    def save_pretrained(self, out_dir) -> None:
-        """Write a Hugging Face Marian directory that `MarianMTModel.from_pretrained` loads."""
-        return checkpoints.save_marian(self, out_dir)
+    def save_pretrained(self, out_dir, tokenizer_dir=None):
+        """Write a Hugging Face Marian directory that `MarianMTModel.from_pretrained` loads, with
+        the Marian tokenizer files of `tokenizer_dir` (e.g. the directory the model came from)."""
+        return checkpoints.save_marian(self, out_dir, tokenizer_dir)

@@ -6,10 +6,12 @@ reads: a `translate train` run (with its joint BPE, `tokenizer.json`) or a Huggi
 Both tokenizers give `encode(text) → ids` (no EOS) and `decode(ids) → text`.
 
 `translate` decodes sentences in batches of similar length (beam 4 by default, §6.1) and puts
-them back in order. A sentence longer than the model's context is never cut silently: it is
-split at sentence ends (". ", "! ", "? ") into pieces that fit — or, for one sentence that
-alone does not fit, at the token limit — each piece is translated, and the pieces are joined;
-`report` is told which line was split and into how many pieces.
+them back in order; with `length_penalty_style="hf"` and `length_penalty=1.0` (transformers'
+default) its beam search is `MarianMTModel.generate`'s (see the Transformer README for the
+settings under which the two agree). A sentence longer than the model's context is never cut
+silently: it is split at sentence ends (". ", "! ", "? ") into pieces that fit — or, for one
+sentence that alone does not fit, at the token limit — each piece is translated, and the pieces
+are joined; `report` is told which line was split and into how many pieces.
 """
 
 import logging
@@ -72,7 +74,8 @@ def split_to_fit(text: str, ids: list[int], tokenizer, limit: int) -> list[list[
 
 @torch.no_grad()
 def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size: int = 64,
-              length_penalty: float = 0.6, report: Callable[[str], None] | None = None) -> list[str]:
+              length_penalty: float = 0.6, report: Callable[[str], None] | None = None,
+              length_penalty_style: str = "gnmt") -> list[str]:
     """Detokenised translations of `lines`, in order. Sentences are decoded in batches of similar
     length; a line longer than the model's context is translated in pieces (module docstring),
     and `report` (default: a logged warning) is told so."""
@@ -90,13 +93,15 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
             report(f"{which} is {len(ids)} tokens long, more than the model's context of {limit}: "
                    f"translated in {len(pieces)} pieces")
         pieces_of_line.append(pieces)
+    # Passed only when not the default, so a stand-in model's generate(src, beam_size, length_penalty) serves.
+    style = {} if length_penalty_style == "gnmt" else {"length_penalty_style": length_penalty_style}
     flat = [piece for pieces in pieces_of_line for piece in pieces]
     order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
     out: list[str] = [""] * len(flat)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         src = collate_source([flat[i] for i in rows], tokenizer.pad_id, tokenizer.eos_id).to(device)
-        generated = model.generate(src, beam_size=beam_size, length_penalty=length_penalty)
+        generated = model.generate(src, beam_size=beam_size, length_penalty=length_penalty, **style)
         for i, row in zip(rows, generated.tolist()):
             out[i] = tokenizer.decode(row)
     translations, i = [], 0
@@ -107,14 +112,15 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
 
 
 def evaluate_bleu(model, tokenizer, src_lines: list[str], ref_lines: list[str], beam_size: int = 4,
-                  batch_size: int = 64, length_penalty: float = 0.6) -> dict:
+                  batch_size: int = 64, length_penalty: float = 0.6, length_penalty_style: str = "gnmt") -> dict:
     """Translate `src_lines` and score against `ref_lines` with sacreBLEU (default 13a
     tokenisation, on detokenised text): {"bleu", "chrf", "hypotheses"}."""
     import sacrebleu
 
     if len(src_lines) != len(ref_lines):
         raise UserError(f"{len(src_lines)} source lines but {len(ref_lines)} references")
-    hypotheses = translate(model, tokenizer, list(src_lines), beam_size, batch_size, length_penalty)
+    hypotheses = translate(model, tokenizer, list(src_lines), beam_size, batch_size, length_penalty,
+                           length_penalty_style=length_penalty_style)
     refs = [list(ref_lines)]
     return {
         "bleu": sacrebleu.corpus_bleu(hypotheses, refs).score,
