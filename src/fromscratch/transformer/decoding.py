@@ -45,8 +45,11 @@ class TranslationNextToken:
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         """prefix (N, t), starting with the start token → float32 logits (N, vocab_size) of token t + 1."""
         new = prefix if self.cache is None else prefix[:, self.cache.length :]
-        hidden = self.model.decode(new, self.memory, self.src_mask, self.cache)  # (N, T_new, d_model)
-        logits = self.model.logits(hidden[:, -1]).float()
+        if self.model.decode_step is not None and self.cache is not None and new.size(1) == 1:
+            logits = self.model.decode_step(new[:, 0], self.memory, self.src_mask, self.cache)  # fast.py
+        else:
+            hidden = self.model.decode(new, self.memory, self.src_mask, self.cache)  # (N, T_new, d_model)
+            logits = self.model.logits(hidden[:, -1]).float()
         return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
 
     def reorder(self, rows: torch.Tensor) -> None:

@@ -227,6 +227,21 @@ class DecoderCache:
         self.cross_attention.reorder(rows)
 
 
+def next_token_loss(hidden: torch.Tensor, output_projection: nn.Linear, logits_bias: torch.Tensor | None,
+                    targets: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0,
+                    reduction: str = "sum") -> torch.Tensor:
+    """The training loss of §5.4: cross-entropy of each next target token, label-smoothed with
+    ε_ls spread over the whole vocabulary (PyTorch's convention), padding ignored.
+
+    hidden (B, T, d_model) is the decoder output, targets (B, T) the tokens it must predict.
+    `fast.fused_next_token_loss` computes the same without the (B, T, vocab) logits."""
+    logits = output_projection(hidden)
+    if logits_bias is not None:
+        logits = logits + logits_bias
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+
+
 class Transformer(nn.Module):
     """The encoder–decoder Transformer, Figure 1 of Vaswani et al. (2017)."""
 
@@ -254,6 +269,11 @@ class Transformer(nn.Module):
             self.output_projection.weight = self.src_embedding.weight
         # Marian adds a learned bias to the logits; the paper has none.
         self.logits_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.logits_bias else None
+        # Hooks for the opt-in fast paths (fast.accelerate): the loss of forward(targets=...), a
+        # plain function it replaces by one computing the same without the (B, T, vocab) logits;
+        # and a faster one-token decoding step for generate (None: decode() does it).
+        self.next_token_loss = next_token_loss
+        self.decode_step = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -311,11 +331,18 @@ class Transformer(nn.Module):
         n_layers = self.config.n_decoder_layers
         return DecoderCache(KVCache(n_layers, max_len=max_len), KVCache(n_layers, static=True))
 
-    def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> torch.Tensor:
         """src_ids (B, S); tgt_ids (B, T), the decoder input: the target shifted right, starting
-        with the start token (BOS). Returns logits (B, T, vocab_size) for the next token at each position."""
+        with the start token (BOS). Returns logits (B, T, vocab_size) for the next token at each
+        position; or, given the targets (B, T), the label-smoothed cross-entropy summed over the
+        non-padding targets (§5.4; training calls it this way because DDP only sees forward)."""
         memory, src_mask = self.encode(src_ids)
-        return self.logits(self.decode(tgt_ids, memory, src_mask))
+        hidden = self.decode(tgt_ids, memory, src_mask)
+        if targets is not None:
+            return self.next_token_loss(hidden, self.output_projection, self.logits_bias, targets,
+                                        self.config.pad_id, label_smoothing)
+        return self.logits(hidden)
 
     def generate(self, src_ids: torch.Tensor, max_new_tokens: int | None = None, beam_size: int = 1,
                  length_penalty: float = 0.6, use_cache: bool = True, **sampling) -> torch.Tensor:

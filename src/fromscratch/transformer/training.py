@@ -45,6 +45,7 @@ from fromscratch.transformer.data import (
     load_corpora,
     token_batches,
 )
+from fromscratch.transformer.fast import accelerate
 from fromscratch.transformer.model import Transformer
 from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer
 from fromscratch.transformer.translation import evaluate_bleu
@@ -99,7 +100,7 @@ class TranslationTask:
             self.max_tokens = batch_tokens - 1  # every pair must fit a batch of its own
         with torch.random.fork_rng(devices=[]):  # the same initial weights for a given seed
             torch.manual_seed(seed)
-            self.model = Transformer(model_config)
+            self.model = accelerate(Transformer(model_config))  # the opt-in fast paths: fast.py
 
         self.train_pairs, _ = self._encode(train, "training")
         self.valid_pairs, keep = self._encode(valid, "validation")
@@ -145,13 +146,9 @@ class TranslationTask:
     def loss(self, model, batch, label_smoothing: float = LABEL_SMOOTHING) -> tuple[torch.Tensor, int]:
         """Sum over the non-pad target tokens of the label-smoothed cross-entropy (§5.4), and
         their number. Smoothing spreads ε_ls over the whole vocabulary (as PyTorch does)."""
-        logits = model(batch["src"], batch["tgt_in"])  # (B, T, V)
         target = batch["tgt_out"]
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), target.flatten(), ignore_index=self.tokenizer.pad_id,
-            reduction="sum", label_smoothing=label_smoothing,
-        )
-        return loss, int((target != self.tokenizer.pad_id).sum())
+        loss = model(batch["src"], batch["tgt_in"], targets=target, label_smoothing=label_smoothing)
+        return loss, int((target != self.model_config.pad_id).sum())
 
     @torch.no_grad()
     def evaluate(self, model, step: int) -> dict[str, float]:

@@ -1,0 +1,179 @@
+"""The Transformer's opt-in fast paths on a CPU: `accelerate(model)` (same maths as model.py, faster).
+
+1. The training loss: `forward(..., targets=...)` uses `fromscratch.fast.cross_entropy`, which
+   computes the label-smoothed cross-entropy without ever holding the (tokens × vocab) logits.
+2. Decoding one token at a time: `model.decode_step` becomes a `PackedDecoder`, which runs
+   model.py's decoder layers for one position on a copy of their weights laid out for it
+   (`fromscratch.fast.packed`: transposed, cut into column blocks that one `bmm` shares among the
+   cores), with the self-attention's q|k|v fused into one product. On a CPU a one-token step is
+   bound by how fast the weights stream from memory, and that layout streams them 3–4× faster
+   than nn.Linear's (docs/performance.md). For many rows at once (a wide beam, a large batch) the
+   step is compute-bound instead and the products go through the model's own layers.
+
+Unlike Llama's, it leaves the linear layers to MKL: `gemm.Linear` gives oneDNN at most 32
+distinct product shapes per process (each costs memory never freed), and token-bucket batches
+change shape at every step, so which products took oneDNN would depend on the run's history —
+and a resumed run would no longer be bit-for-bit the uninterrupted one.
+
+Only what it knows is accelerated: the packed step runs a model whose every decoder layer is
+model.py's `DecoderLayer` with its `MultiHeadAttention`, `FeedForward` and `LayerNorm`s;
+anything else leaves `decode_step` unset and decodes through `Transformer.decode`.
+`tests/transformer/test_transformer_fast.py` checks each path against the plain model.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fromscratch.blocks import scaled_dot_product_attention
+from fromscratch.fast.cross_entropy import linear_cross_entropy
+from fromscratch.fast.packed import PackedCopy, blocked_matmul, packed
+from fromscratch.transformer.model import (
+    DecoderLayer,
+    FeedForward,
+    LayerNorm,
+    MultiHeadAttention,
+    Transformer,
+)
+
+PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through Transformer.decode instead
+PACKED_ROWS = 16  # up to this many rows a step streams weights (packed); beyond, it computes (nn.Linear)
+
+
+def accelerate(model: Transformer) -> Transformer:
+    """Switch `model` to the fast paths (see the module docstring); returns it. Its parameters,
+    their names and every result stay the same."""
+    model.next_token_loss = fused_next_token_loss
+    model.decode_step = PackedDecoder(model) if PackedDecoder.supports(model) else None
+    return model
+
+
+def fused_next_token_loss(hidden, output_projection, logits_bias, targets, ignore_index, label_smoothing,
+                          reduction="sum"):
+    """`model.next_token_loss` computed by `linear_cross_entropy`: same arguments, same value and
+    gradients, without the (B, T, vocab) logits."""
+    return linear_cross_entropy(hidden.flatten(0, 1), output_projection.weight, targets.flatten(),
+                                ignore_index=ignore_index, reduction=reduction, bias=logits_bias,
+                                label_smoothing=label_smoothing)
+
+
+class PackedLinear:
+    """One nn.Linear for the rows of one decoding step: blocked (streamed) for a few rows, the
+    layer itself for many."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.blocks, self.weight = packed(weight), weight.detach()
+        self.bias = None if bias is None else bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) → (B, out)
+        if x.size(0) > PACKED_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        out = blocked_matmul(x, self.blocks)
+        return out if self.bias is None else out + self.bias
+
+
+def _linear(*layers: nn.Linear) -> PackedLinear:
+    """The products of `layers`, which read the same input, fused into one."""
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return PackedLinear(weight, bias)
+
+
+class PackedDecoderLayer:
+    """`DecoderLayer.forward` for one position: its products packed, its LayerNorm modules."""
+
+    def __init__(self, layer: DecoderLayer):
+        self_attention, cross, ffn = layer.self_attention, layer.cross_attention, layer.feed_forward
+        self.layer_index, self.n_heads, self.head_dim = self_attention.layer_index, self_attention.n_heads, \
+            self_attention.head_dim
+        self.norms, self.norm_first, self.use_sdpa = layer.norms, layer.norm_first, self_attention.use_sdpa
+        self.qkv = _linear(self_attention.q_proj, self_attention.k_proj, self_attention.v_proj)
+        self.self_out = _linear(self_attention.out_proj)
+        self.cross_q, self.cross_out = _linear(cross.q_proj), _linear(cross.out_proj)
+        self.cross_k, self.cross_v = cross.k_proj, cross.v_proj  # projected once, on the first step
+        self.w_1, self.w_2, self.activation = _linear(ffn.w_1), _linear(ffn.w_2), ffn.activation
+
+    def residual(self, x: torch.Tensor, i: int, sublayer) -> torch.Tensor:
+        """`ResidualLayer.residual` in eval mode (no dropout)."""
+        norm = self.norms[i]
+        return x + sublayer(norm(x)) if self.norm_first else norm(x + sublayer(x))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, d_model) → (B, n_heads, 1, head_dim)
+        return x.view(x.size(0), self.n_heads, 1, self.head_dim)
+
+    def self_attention(self, x: torch.Tensor, cache) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        keys, values = cache.self_attention.update(self.layer_index, self.heads(k), self.heads(v))
+        out = scaled_dot_product_attention(self.heads(q), keys, values, use_sdpa=self.use_sdpa)
+        return self.self_out(out.reshape(x.size(0), -1))
+
+    def cross_attention(self, x: torch.Tensor, memory, src_mask, cache) -> torch.Tensor:
+        cross = cache.cross_attention
+        if not cross.holds(self.layer_index):  # the encoder output's keys and values, once
+            b, s, _ = memory.shape
+            split = lambda t: t.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+            cross.update(self.layer_index, split(self.cross_k(memory)), split(self.cross_v(memory)))
+        keys, values = cross.keys[self.layer_index], cross.values[self.layer_index]
+        out = scaled_dot_product_attention(self.heads(self.cross_q(x)), keys, values, src_mask, use_sdpa=self.use_sdpa)
+        return self.cross_out(out.reshape(x.size(0), -1))
+
+    def __call__(self, x: torch.Tensor, memory, src_mask, cache) -> torch.Tensor:
+        """x (B, d_model), one position → (B, d_model)."""
+        x = self.residual(x, 0, lambda h: self.self_attention(h, cache))
+        x = self.residual(x, 1, lambda h: self.cross_attention(h, memory, src_mask, cache))
+        return self.residual(x, 2, lambda h: self.w_2(self.activation(self.w_1(h))))
+
+
+class PackedTransformer:
+    """`model`'s decoder weights laid out for decoding one position per row."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        with torch.no_grad():
+            self.layers = [PackedDecoderLayer(layer) for layer in model.decoder_layers]
+            self.output = PackedLinear(model.output_projection.weight, model.logits_bias)
+        self.scale = math.sqrt(model.config.d_model) if model.config.scale_embeddings else 1.0
+
+    def step(self, tokens: torch.Tensor, memory, src_mask, cache) -> torch.Tensor:
+        """The position after the `cache.length` decoded ones: tokens (B,) → float32 logits (B, vocab)."""
+        model, t = self.model, cache.length
+        if t + 1 > model.config.max_seq_len:
+            model.embed(tokens[:, None], model.tgt_embedding, t)  # raises the model's own error
+        x = model.tgt_embedding.weight[tokens] * self.scale + model.positions[t]  # (B, d_model)
+        for layer in self.layers:
+            x = layer(x, memory, src_mask, cache)
+        cache.self_attention.advance(1)
+        if model.decoder_norm is not None:
+            x = model.decoder_norm(x)
+        return self.output(x).float()
+
+
+class PackedDecoder(PackedCopy):
+    """`model.decode_step` after `accelerate`: a `PackedTransformer` of the model's current
+    weights, made on the first call and made again whenever a parameter is replaced or written in
+    place."""
+
+    def __init__(self, model: Transformer):
+        super().__init__(model, PackedTransformer)
+
+    @staticmethod
+    def supports(model: Transformer) -> bool:
+        """Whether every decoder layer is one the packed step knows, on a CPU, and the copy affordable."""
+        known = all(
+            type(layer) is DecoderLayer and type(layer.self_attention) is MultiHeadAttention
+            and type(layer.cross_attention) is MultiHeadAttention and type(layer.feed_forward) is FeedForward
+            and all(type(norm) is LayerNorm for norm in layer.norms)
+            for layer in model.decoder_layers
+        )
+        weight = model.tgt_embedding.weight
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        return known and weight.device.type == "cpu" and size <= PACK_MAX_BYTES
+
+    def __call__(self, tokens: torch.Tensor, memory, src_mask, cache) -> torch.Tensor:
+        """tokens (B,) at the position after the cached ones → float32 logits (B, vocab)."""
+        if self.model.training or not self.supports(self.model):  # dropout would apply; or moved to a GPU
+            hidden = self.model.decode(tokens[:, None], memory, src_mask, cache)[:, -1]
+            return self.model.logits(hidden).float()
+        return self.current().step(tokens, memory, src_mask, cache)

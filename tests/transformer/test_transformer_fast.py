@@ -1,0 +1,117 @@
+"""The Transformer's opt-in fast paths (fast.py) compute what model.py computes: the packed
+one-token step equals Transformer.decode, accelerated training equals plain training, and a layer
+the fast path does not know is never run through it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fromscratch.transformer import Transformer, TransformerConfig
+from fromscratch.transformer import fast
+from fromscratch.transformer.fast import PackedTransformer, accelerate
+from fromscratch.transformer.model import DecoderLayer, FeedForward
+
+CONFIGS = {
+    "post-norm": dict(),
+    "pre-norm": dict(norm_first=True),
+    "marian-like": dict(activation="swish", positions="halves", logits_bias=True, decoder_start_id=0),
+    "untied": dict(share_embeddings=False),
+}
+
+
+def _model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    config = TransformerConfig.from_preset("tiny", vocab_size=40, dropout=0.0, max_seq_len=64, **overrides)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # far from the initialisation, norms and biases included
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _sources():
+    src = torch.randint(3, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    src[1, 6:] = 0  # padding
+    return src
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("rows", ["few", "many"])
+def test_packed_step_equals_the_decoder(name, rows, monkeypatch):
+    if rows == "many":  # a wide beam or a large batch: the products go through the layers
+        monkeypatch.setattr(fast, "PACKED_ROWS", 0)
+    model = _model(**CONFIGS[name])
+    src = _sources()
+    prefix = torch.randint(3, 40, (3, 8))
+    with torch.no_grad():
+        memory, src_mask = model.encode(src)
+        full = model.logits(model.decode(prefix, memory, src_mask))
+        packed, cache = PackedTransformer(model), model.new_cache(16)
+        steps = torch.stack([packed.step(prefix[:, t], memory, src_mask, cache) for t in range(8)], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    assert cache.length == 8
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_accelerated_generation_gives_the_plain_models_tokens(beam_size):
+    plain, accelerated = _model(), accelerate(_model())
+    assert accelerated.decode_step is not None
+    src = _sources()
+    assert torch.equal(accelerated.generate(src, max_new_tokens=12, beam_size=beam_size),
+                       plain.generate(src, max_new_tokens=12, beam_size=beam_size))
+
+
+def test_packed_weights_follow_the_models_weights():
+    model = accelerate(_model())
+    src = _sources()
+    model.generate(src, max_new_tokens=3)
+    first = model.decode_step.packed
+    with torch.no_grad():
+        model.decoder_layers[0].feed_forward.w_2.weight.mul_(-2.0)  # as an optimizer step would
+    assert torch.equal(model.generate(src, max_new_tokens=10), model.generate(src, max_new_tokens=10, use_cache=False))
+    assert model.decode_step.packed is not first
+
+
+class DoubledFeedForward(FeedForward):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_layer_the_fast_path_does_not_know_never_runs_packed(monkeypatch):
+    calls = []
+    real_step = PackedTransformer.step
+    monkeypatch.setattr(PackedTransformer, "step", lambda self, *a: calls.append(1) or real_step(self, *a))
+    model = _model()
+    for layer in model.decoder_layers:
+        assert type(layer) is DecoderLayer
+        layer.feed_forward = DoubledFeedForward(64, 256)
+    accelerate(model)
+    assert model.decode_step is None
+    src = _sources()
+    assert torch.equal(model.generate(src, max_new_tokens=8), model.generate(src, max_new_tokens=8, use_cache=False))
+    assert calls == []
+    accelerate(_model()).generate(src, max_new_tokens=8)
+    assert calls  # the stock decoder does run packed
+
+
+@pytest.mark.parametrize("name", ["post-norm", "marian-like"])
+def test_accelerated_training_loss_and_gradients_equal_the_plain_ones(name):
+    """The label-smoothed loss without full logits: same value and gradients as F.cross_entropy
+    on the plain model's logits (the keys' biases get none: softmax ignores a shift of every score)."""
+    plain, accelerated = _model(**CONFIGS[name]).train(), accelerate(_model(**CONFIGS[name])).train()
+    src = _sources()
+    tgt = torch.randint(3, 40, (3, 7))
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:].clone()
+    tgt_out[2, 3:] = 0  # padding, ignored
+    config = plain.config
+    torch.manual_seed(5)
+    expected = F.cross_entropy(plain(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=config.pad_id,
+                               reduction="sum", label_smoothing=0.1)
+    torch.manual_seed(5)  # dropout is 0; the seed only makes sure nothing else differs
+    got = accelerated(src, tgt_in, targets=tgt_out, label_smoothing=0.1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    expected.backward()
+    got.backward()
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())  # rounding grows with it
+    for (name_, p), q in zip(plain.named_parameters(), accelerated.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5 * scale, rtol=1e-4, msg=name_)
