@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 # a multi-GB CUDA build. On a machine with an NVIDIA GPU we let pip choose the CUDA build.
 TORCH_CPU := torch==2.13.0
 HAS_GPU   := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+# The shared real data beside the checkout, when it is there (the demo's scenes use its MNIST digits).
+export FROMSCRATCH_DATA ?= $(wildcard $(abspath ../shared/data))
 
 .PHONY: install demo test bench clean
 

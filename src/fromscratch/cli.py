@@ -22,6 +22,8 @@ from fromscratch.errors import Interrupted, UserError
 COMMANDS = (
     "fromscratch.transformer.cli",
     "fromscratch.llama.cli",
+    "fromscratch.moe.cli",
+    "fromscratch.vlm.cli",
     "fromscratch.engine.cli",
     "fromscratch.demo",
 )

@@ -89,7 +89,7 @@ class MarkovChain:
         assert tokens.size(0) == len(self.rows)
         return self.table[tokens[:, -1]].clone()
 
-    def reorder(self, rows):
+    def reorder(self, rows, within_prompts=False):
         self.rows = self.rows[rows]
 
 
@@ -203,3 +203,17 @@ def test_hf_style_beam_search_equals_transformers_algorithm_written_by_hand(alph
 def test_beam_search_refuses_an_unknown_style():
     with pytest.raises(UserError, match="length_penalty_style 'marian'"):
         beam_search(MarkovChain(_table(), 1), torch.tensor([[1]]), 3, length_penalty_style="marian")
+
+
+def test_beam_search_drops_prompts_that_are_done_and_finds_what_it_found_before():
+    """A prompt whose best hypothesis can no longer be beaten leaves the batch (its rows are
+    reordered away), and every prompt's result is what it is when searched alone."""
+    table = _table(6, seed=3)
+    table[:, 0] += 1.5  # EOS likely: prompts finish at different steps
+    prompts = torch.tensor([[1], [2], [3], [4], [5]])
+    chain = MarkovChain(table, 5)
+    together = beam_search(chain, prompts, 12, beam_size=3, eos_id=0, pad_id=0)
+    assert len(chain.rows) < 5 * 3  # some prompts left before the end
+    for b in range(5):
+        alone = beam_search(MarkovChain(table, 1), prompts[b:b + 1], 12, beam_size=3, eos_id=0, pad_id=0)
+        assert together[b, :alone.size(1)].tolist() == alone[0].tolist()

@@ -84,6 +84,13 @@ class KVCache:
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (B',), in that order: beam search moves each beam's cache along
         with it, and repeating a row makes several beams of one prompt."""
+        n = self.length if not self.static else None  # only the positions filled so far move
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
+            if k is None:
+                continue
+            if self.max_len is None or self.static or len(rows) != k.size(0):  # a new buffer
                 self.keys[layer], self.values[layer] = k.index_select(0, rows), v.index_select(0, rows)
+            else:  # the same number of rows: rewrite the filled positions in place
+                k[:, :, :n] = k[:, :, :n].index_select(0, rows)
+                v[:, :, :n] = v[:, :, :n].index_select(0, rows)
+

@@ -3,7 +3,8 @@ beam search (§6.1 of Vaswani et al. 2017).
 
 A model takes part through a *next-token function*: called with every token so far, (N, t), it
 returns the float32 logits of token t + 1, (N, V), with the tokens it must never produce at −∞;
-`reorder(rows)` keeps rows `rows` of its state (the KV cache, an encoder output, image patches).
+`reorder(rows, within_prompts)` keeps rows `rows` of its state (the KV cache, an encoder output,
+image patches; only the cache when the rows stay within their prompts).
 It decides itself how much to recompute: with a KV cache it feeds the model only the tokens after
 those cached, without one it runs the whole prefix again. The Transformer (`transformer/decoding.py`),
 Llama and the models built on it (`llama/generate.py`) and the image captioner each define one.
@@ -40,8 +41,10 @@ class NextTokenLogits(Protocol):
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, t), every token so far → float32 logits (N, V) of token t + 1."""
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows `rows` (N',) of the state, in that order (rows may repeat)."""
+    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
+        """Keep rows `rows` (N',) of the state, in that order (rows may repeat). within_prompts:
+        every row is replaced by a row of the same prompt (beam search after its first step), so
+        what is per prompt — an encoder output, image patches, padding — need not move."""
 
 
 def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -126,54 +129,64 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
     best = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     best_scores = torch.full((batch,), float("-inf"), device=device)  # log P / lp of `best`
     best_lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    # Prompts still searched: `active[i]` is the prompt of row block i; a prompt that is done
+    # leaves the batch, so that the others' steps do not pay for it.
+    active = torch.arange(batch, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     kept_scores = torch.full((batch, k), float("-inf"), device=device)  # "hf": the K best finished, best first
     for t in range(1, max_new_tokens + 1):  # t: hypothesis length after this step
         if t > 1:
-            log_probs = step_log_probs(tokens)  # (B·K, V)
-        vocab = log_probs.size(1)
-        scores = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+            log_probs = step_log_probs(tokens)  # (b·K, V), b = len(active)
+        n_active, vocab = len(active), log_probs.size(1)
+        scores = (beam_scores.view(-1, 1) + log_probs).view(n_active, k * vocab)
         # Of the best 2K extensions at most K end in EOS, so at least K remain to continue.
-        top_scores, top_index = scores.topk(2 * k, dim=1)  # (B, 2K)
+        top_scores, top_index = scores.topk(2 * k, dim=1)  # (b, 2K)
         top_beams, top_tokens = top_index // vocab, top_index % vocab
         is_eos = top_tokens == eos_id if eos_id is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
 
         # An EOS among the best K finishes a hypothesis; keep it if it beats the prompt's best.
         ends = is_eos[:, :k]
-        if hf:  # at the length limit all of the best K end; a prompt already done takes no more
-            ends = (ends | (t == max_new_tokens)) & ~done[:, None]
+        if hf:  # at the length limit all of the best K end
+            ends = ends | (t == max_new_tokens)
         finished = torch.where(ends, top_scores[:, :k] / lp(t, alpha), float("-inf"))
-        finished_score, j = finished.max(dim=1)  # (B,)
-        improved = finished_score > best_scores
+        finished_score, j = finished.max(dim=1)  # (b,)
+        improved = finished_score > best_scores[active]
         if improved.any():
             rows = (first_row + top_beams.gather(1, j[:, None])).squeeze(1)
             last = top_tokens.gather(1, j[:, None])  # EOS (or, "hf" at the limit, the last token)
-            hypotheses = torch.cat([tokens[rows, start:], last], dim=1)  # (B, t)
-            best[improved, :t] = hypotheses[improved]
-            best_scores = torch.where(improved, finished_score, best_scores)
-            best_lengths[improved] = t
+            hypotheses = torch.cat([tokens[rows, start:], last], dim=1)  # (b, t)
+            prompts = active[improved]
+            best[prompts, :t] = hypotheses[improved]
+            best_scores[prompts] = finished_score[improved]
+            best_lengths[prompts] = t
         if hf:
             kept_scores = torch.cat([kept_scores, finished], dim=1).topk(k, dim=1).values
 
         # The best K extensions that did not end are the next step's beams.
-        beam_scores, i = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (B, K)
+        beam_scores, i = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (b, K)
         rows = (first_row + top_beams.gather(1, i)).view(-1)
         tokens = torch.cat([tokens[rows], top_tokens.gather(1, i).view(-1, 1)], dim=1)
-        next_logits.reorder(rows)
+        next_logits.reorder(rows, within_prompts=True)
 
         if hf:  # transformers' heuristic: K finished, and the best beam at its length no better than the worst
             worst = kept_scores[:, -1]
-            done |= (worst > float("-inf")) & (beam_scores[:, 0] / lp(t, alpha) <= worst)
+            done = (worst > float("-inf")) & (beam_scores[:, 0] / lp(t, alpha) <= worst)
         else:
             # A prompt is done when no beam can still beat its best: log P only falls as beams
             # grow, and lp grows at most to lp(max_new_tokens).
-            done |= best_scores >= beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
+            done = best_scores[active] >= beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
         if done.all():
             break
+        if done.any():  # the done prompts leave; nothing they hold can change any more
+            keep = (~done).nonzero().squeeze(1)  # (b',)
+            keep_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
+            next_logits.reorder(keep_rows)
+            tokens, beam_scores, kept_scores, active = tokens[keep_rows], beam_scores[keep], kept_scores[keep], active[keep]
+            first_row = torch.arange(len(active), device=device)[:, None] * k
     else:  # out of steps: the unfinished beams, now max_new_tokens long, compete too ("hf": done above)
         if not hf:
             unfinished = beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
-            improved = unfinished > best_scores
-            best[improved] = tokens.view(batch, k, -1)[improved, 0, start:]
-            best_lengths[improved] = max_new_tokens
+            improved = unfinished > best_scores[active]
+            best[active[improved]] = tokens.view(len(active), k, -1)[improved, 0, start:]
+            best_lengths[active[improved]] = max_new_tokens
     return best[:, :int(best_lengths.max())]

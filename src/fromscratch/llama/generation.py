@@ -38,10 +38,10 @@ class LlamaNextToken:
             return model.decode_step(new[:, 0], cache, self.pad_lengths)
         return model(new, cache=cache, pad_lengths=self.pad_lengths)[:, -1]
 
-    def reorder(self, rows: torch.Tensor) -> None:
+    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
         if self.cache is not None:
             self.cache.reorder(rows)
-        if self.pad_lengths is not None:
+        if self.pad_lengths is not None and not within_prompts:  # the same for every beam of a prompt
             self.pad_lengths = self.pad_lengths[rows]
 
 

@@ -52,11 +52,13 @@ class TranslationNextToken:
             logits = self.model.logits(hidden[:, -1]).float()
         return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows `rows`: beam search moves each beam's state along with it."""
-        self.memory, self.src_mask = self.memory.index_select(0, rows), self.src_mask.index_select(0, rows)
+    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
+        """Keep rows `rows`: beam search moves each beam's state along with it. The encoder
+        output (and its projected keys and values) is the same for every beam of a source."""
+        if not within_prompts:
+            self.memory, self.src_mask = self.memory.index_select(0, rows), self.src_mask.index_select(0, rows)
         if self.cache is not None:
-            self.cache.reorder(rows)
+            self.cache.reorder(rows, within_prompts)
 
 
 def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int, ban: bool = True):

@@ -222,9 +222,11 @@ class DecoderCache:
         """Target positions decoded so far: where the next one starts."""
         return self.self_attention.length
 
-    def reorder(self, rows: torch.Tensor) -> None:
+    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
+        """Keep rows `rows`; the encoder output's keys and values stay when the rows keep their sources."""
         self.self_attention.reorder(rows)
-        self.cross_attention.reorder(rows)
+        if not within_prompts:
+            self.cross_attention.reorder(rows)
 
 
 def next_token_loss(hidden: torch.Tensor, output_projection: nn.Linear, logits_bias: torch.Tensor | None,

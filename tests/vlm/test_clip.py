@@ -1,0 +1,151 @@
+"""CLIP: Hugging Face CLIPModel directories load into our CLIP with the same logits, our CLIP saves
+directories CLIPModel loads, the loss is the symmetric InfoNCE, the temperature is clamped as
+open_clip clamps it, and zero-shot classification picks the prompt CLIPModel ranks first."""
+
+import math
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+from fromscratch.errors import UserError
+from fromscratch.transformer.model import quick_gelu
+from fromscratch.vlm import CLIP, CLIPConfig, contrastive_loss, zero_shot_classify
+from fromscratch.vlm.clip import LOGIT_SCALE_MAX, clamp_logit_scale, eos_positions
+
+VOCAB = 99
+
+
+def hf_clip(eos_token_id: int = VOCAB - 1, **text) -> transformers.CLIPModel:
+    torch.manual_seed(0)
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, eos_token_id=eos_token_id, bos_token_id=VOCAB - 2, pad_token_id=0, **text)
+    vision_config = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
+                                                  num_hidden_layers=2, num_attention_heads=4)
+    config = transformers.CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
+                                     projection_dim=24)
+    return transformers.CLIPModel(config).eval()
+
+
+def texts(eos: int = VOCAB - 1):
+    """Three right-padded texts ending in EOS at different places, and their attention mask."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB - 3, (3, 10))
+    for row, end in enumerate((9, 6, 4)):
+        ids[row, end] = eos
+        ids[row, end + 1:] = 0
+    return ids, (torch.arange(10)[None, :] <= torch.tensor([9, 6, 4])[:, None]).long()
+
+
+@pytest.mark.parametrize("eos_token_id", [VOCAB - 1, 2], ids=["first-eos", "legacy-eos-2-argmax"])
+def test_matches_hugging_face_clip_model(tmp_path, eos_token_id):
+    reference = hf_clip(eos_token_id)
+    reference.save_pretrained(tmp_path)
+    ours = CLIP.from_pretrained(tmp_path)
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = texts(eos_token_id if eos_token_id != 2 else VOCAB - 1)  # legacy: the largest id ends the text
+    with torch.no_grad():
+        expected = reference(input_ids=ids, pixel_values=images, attention_mask=mask)
+        logits = ours(images, ids, mask)
+        assert logits.shape == (2, 3)
+        torch.testing.assert_close(logits, expected.logits_per_image, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours.embed_images(images), expected.image_embeds, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.embed_texts(ids, mask), expected.text_embeds, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(images, ids), reference(input_ids=ids, pixel_values=images).logits_per_image,
+                                   rtol=0, atol=1e-4)
+
+
+def test_pooling_follows_hugging_face_eos_rule():
+    ids = torch.tensor([[5, 7, 2, 9, 0], [5, 2, 0, 9, 9]])
+    assert eos_positions(ids, 9).tolist() == [3, 3]  # the first eos
+    assert eos_positions(ids, 2).tolist() == [3, 3]  # eos_id 2: the largest id (argmax), as HF's legacy configs
+    assert eos_positions(torch.tensor([[4, 8, 9, 9, 0]]), 9).tolist() == [2]
+
+
+def test_save_pretrained_writes_a_directory_clip_model_loads(tmp_path):
+    torch.manual_seed(3)
+    config = CLIPConfig.from_preset("tiny", vocab_size=VOCAB, eos_id=VOCAB - 1)
+    ours = CLIP(config).eval()
+    with torch.no_grad():
+        ours.logit_scale.fill_(3.0)
+    ours.save_pretrained(tmp_path / "clip")
+    reference = transformers.CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = texts()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images, ids, mask), reference(input_ids=ids, pixel_values=images,
+                                                                     attention_mask=mask).logits_per_image,
+                                   rtol=0, atol=1e-4)
+    again = CLIP.from_pretrained(tmp_path / "clip")
+    assert again.config == config
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+def test_int64_position_ids_buffers_are_skipped_and_other_integers_refused(tmp_path):
+    reference = hf_clip()
+    reference.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    buffers = {"text_model.embeddings.position_ids": torch.arange(16)[None],
+               "vision_model.embeddings.position_ids": torch.arange(17)[None]}
+    save_file({**weights, **buffers}, tmp_path / "model.safetensors")  # what older checkpoints hold
+    images, (ids, mask) = torch.randn(1, 3, 32, 32), texts()
+    with torch.no_grad():
+        torch.testing.assert_close(CLIP.from_pretrained(tmp_path)(images, ids, mask),
+                                   reference(input_ids=ids, pixel_values=images, attention_mask=mask).logits_per_image,
+                                   rtol=0, atol=1e-4)
+    weights["text_projection.weight"] = weights["text_projection.weight"].long()
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match="'text_projection.weight' is int64, not floating point"):
+        CLIP.from_pretrained(tmp_path)
+
+
+def test_towers_with_different_activations_are_refused(tmp_path):
+    hf_clip(hidden_act="gelu").save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="the towers differ"):
+        CLIP.from_pretrained(tmp_path)
+
+
+def test_contrastive_loss_is_symmetric_info_nce_as_hugging_face():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 5) * 3
+    torch.testing.assert_close(contrastive_loss(logits), image_text_contrastive_loss(logits.t()))
+    # perfectly separated pairs: the loss goes to zero; all equal: log N
+    assert contrastive_loss(torch.eye(4) * 100) < 1e-6
+    assert contrastive_loss(torch.zeros(4, 4)).item() == pytest.approx(math.log(4))
+
+
+def test_temperature_is_clamped_as_open_clip_does():
+    clip = CLIP(CLIPConfig.from_preset("tiny"))
+    assert clip.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    with torch.no_grad():
+        clip.logit_scale.fill_(7.0)
+    clamp_logit_scale(clip.logit_scale)
+    assert clip.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX) and math.exp(LOGIT_SCALE_MAX) == pytest.approx(100)
+    with torch.no_grad():
+        clip.logit_scale.fill_(-1.0)
+    clamp_logit_scale(clip.logit_scale)
+    assert clip.logit_scale.item() == 0.0
+
+
+def test_zero_shot_picks_the_prompt_clip_model_ranks_first(tmp_path):
+    reference = hf_clip()
+    reference.save_pretrained(tmp_path)
+    ours = CLIP.from_pretrained(tmp_path)
+    images = torch.randn(6, 3, 32, 32)
+    prompts, mask = texts()  # three "class prompts"
+    with torch.no_grad():
+        expected = reference(input_ids=prompts, pixel_values=images, attention_mask=mask).logits_per_image.argmax(1)
+        predicted = zero_shot_classify(ours.embed_images(images), ours.embed_texts(prompts, mask))
+        assert torch.equal(predicted, expected)
+        per_image = ours.embed_texts(prompts, mask)[None].expand(6, -1, -1)  # prompts of each image's own
+        assert torch.equal(zero_shot_classify(ours.embed_images(images), per_image), expected)
+
+
+def test_quick_gelu_is_clips_activation():
+    x = torch.linspace(-4, 4, 9)
+    from transformers.activations import QuickGELUActivation
+
+    torch.testing.assert_close(quick_gelu(x), QuickGELUActivation()(x))
