@@ -178,3 +178,29 @@ def test_train_demo_smoke(tmp_path, monkeypatch):
     assert 0 <= result["bleu"] <= 100 and 0 <= result["chrf"] <= 100
     assert [set(e) for e in result["examples"]] == [{"source", "reference", "translation"}] * 3
     assert (tmp_path / "demo" / "tokenizer.json").exists()
+
+
+def test_averaging_the_last_checkpoints_is_their_element_wise_mean(tmp_path):
+    """§6.1: one model whose weights are the mean of the run's last N checkpoints."""
+    from fromscratch.checkpoints.runs import average_last_checkpoints
+    from fromscratch.engine.checkpoint import load_model_weights
+    from fromscratch.transformer import Transformer
+
+    corpora = load_corpora(["demo:train"]), load_corpora(["demo:test"])
+    tokenizer = BPETokenizer.train(corpora[0].src[:500] + corpora[0].tgt[:500], vocab_size=300)
+    task = TranslationTask(*corpora, tokenizer, TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size),
+                           batch_tokens=300, bleu_samples=0)
+    config = paper_train_config(out_dir=str(tmp_path / "run"), max_steps=6, eval_every=6, save_every=2,
+                                keep_last=3, device="cpu", noam_d_model=64)
+    Trainer(task, config, command=["test"]).fit()
+    steps = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(steps) == 3
+    weights = [load_model_weights(s / "model.safetensors") for s in steps[-2:]]
+    averaged, _, chosen = average_last_checkpoints(tmp_path / "run", 2, "transformer")
+    assert chosen == steps[-2:]
+    name = "decoder_layers.0.feed_forward.w_1.weight"
+    torch.testing.assert_close(averaged[name], (weights[0][name] + weights[1][name]) / 2)
+    model = Transformer.from_pretrained(tmp_path / "run", average=2)
+    torch.testing.assert_close(model.state_dict()[name], averaged[name])
+    with pytest.raises(UserError, match="keeps 3 checkpoint"):
+        average_last_checkpoints(tmp_path / "run", 4, "transformer")

@@ -120,3 +120,36 @@ def read_run(path: str | os.PathLike, model: str) -> tuple[dict, dict, Path, Pat
     if config_path is None:
         raise UserError(f"{step_dir}: has {MODEL_FILE} but no {MODEL_CONFIG} here or in {run_dir}")
     return load_model_weights(step_dir / MODEL_FILE), read_json_object(config_path), step_dir, run_dir
+
+
+def average_last_checkpoints(run_dir: str | os.PathLike, n: int, model: str) -> tuple[dict, dict, list[Path]]:
+    """The element-wise mean of the weights of a run's `n` most recent checkpoints (§6.1 of
+    Vaswani et al. 2017: "we used a single model obtained by averaging the last 5 checkpoints").
+
+    Returns (averaged state_dict, model_config dict, the checkpoint directories averaged). The
+    run keeps as many as `--keep-last` says; asking for more is a UserError naming how many exist.
+    """
+    run_dir = Path(run_dir)
+    if run_checkpoint(run_dir) is None or run_dir.parent.name == "checkpoints":
+        raise UserError(f"{run_dir}: averaging needs a training run directory")
+    check_run_model(run_dir, model)
+    if n < 1:
+        raise UserError(f"--average must be at least 1, got {n}")
+    steps = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / MODEL_FILE).is_file())
+    if len(steps) < n:
+        raise UserError(f"--average {n}: {run_dir} keeps {len(steps)} checkpoint(s); train with --keep-last {n} "
+                        "or more to average that many")
+    chosen = steps[-n:]
+    total = None
+    for step_dir in chosen:
+        state = load_model_weights(step_dir / MODEL_FILE)
+        if total is None:
+            total = {name: tensor.double() for name, tensor in state.items()}
+        else:
+            if state.keys() != total.keys():
+                raise UserError(f"{step_dir}: holds other tensors than {chosen[0]}; cannot average them")
+            for name, tensor in state.items():
+                total[name] += tensor
+    averaged = {name: (tensor / n).float() for name, tensor in total.items()}
+    config_path = next((d / MODEL_CONFIG for d in (chosen[-1], run_dir) if (d / MODEL_CONFIG).is_file()))
+    return averaged, read_json_object(config_path), chosen

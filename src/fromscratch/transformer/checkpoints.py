@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fromscratch.checkpoints.resolve import resolve_checkpoint
-from fromscratch.checkpoints.runs import read_run, run_checkpoint
+from fromscratch.checkpoints.runs import average_last_checkpoints, read_run, run_checkpoint
 from fromscratch.devices import resolve_device
 from fromscratch.errors import UserError
 from fromscratch.transformer.config import TransformerConfig
@@ -47,9 +47,14 @@ def build(cls, config: TransformerConfig, state: dict[str, torch.Tensor], source
     return model.to(resolve_device(device)).eval()
 
 
-def load_model(cls, spec, device: str = "cpu"):
-    """The model `spec` names (see the module docstring)."""
+def load_model(cls, spec, device: str = "cpu", average: int | None = None):
+    """The model `spec` names (see the module docstring); with `average`, the mean of the
+    weights of a run's last `average` checkpoints (§6.1)."""
     path = resolve_checkpoint(spec, allow_patterns=MARIAN_HUB_FILES)
+    if average:
+        state, config_dict, chosen = average_last_checkpoints(path, average, MODEL_NAME)
+        config = TransformerConfig.from_dict(config_dict, source=str(chosen[-1]))
+        return build(cls, config, state, f"{path} (the mean of {len(chosen)} checkpoints)", device)
     if run_checkpoint(path) is not None:
         state, config_dict, step_dir, _ = read_run(path, MODEL_NAME)
         config = TransformerConfig.from_dict(config_dict, source=str(step_dir))

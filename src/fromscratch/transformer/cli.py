@@ -69,6 +69,8 @@ def register(subparsers) -> None:
     eval_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4, §6.1)")
     eval_p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
     eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, one per line")
+    eval_p.add_argument("--average", type=int, default=None, metavar="N",
+                        help="the mean of the run's last N checkpoints (§6.1), not its best one")
     eval_p.add_argument("--device", default="auto")
     eval_p.set_defaults(func=cmd_eval)
 
@@ -79,6 +81,8 @@ def register(subparsers) -> None:
     run_p.add_argument("--checkpoint", required=True, metavar="SPEC", help=checkpoint_help)
     run_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4)")
     run_p.add_argument("--device", default="auto")
+    run_p.add_argument("--average", type=int, default=None, metavar="N",
+                       help="the mean of the run's last N checkpoints (§6.1), not its best one")
     run_p.add_argument("text", nargs="*", metavar="TEXT", help="English sentences (default: read standard input)")
     run_p.set_defaults(func=cmd_run)
 
@@ -103,7 +107,7 @@ def _note(message: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     _check_beam(args.beam)
     test = load_corpora([args.test], max_chars=None)
-    model, tokenizer = load_translator(args.checkpoint, args.device)
+    model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
     print(f"{len(test)} pairs from {args.test}, beam {args.beam}", file=sys.stderr)
     scores = evaluate_bleu(model, tokenizer, test.src, test.tgt, beam_size=args.beam, batch_size=args.batch_size)
     if args.output:
@@ -114,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     _check_beam(args.beam)
     texts = [checked_text(text, f"argument {i}") for i, text in enumerate(args.text, start=1)]
-    model, tokenizer = load_translator(args.checkpoint, args.device)
+    model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
     if texts:
         for line in translate(model, tokenizer, texts, beam_size=args.beam, report=_note):
             print(line, flush=True)

@@ -352,10 +352,10 @@ class Transformer(nn.Module):
         return decoding.generate(self, src_ids, max_new_tokens, beam_size, length_penalty, use_cache, **sampling)
 
     @classmethod
-    def from_pretrained(cls, path, device: str = "cpu") -> "Transformer":
+    def from_pretrained(cls, path, device: str = "cpu", average: int | None = None) -> "Transformer":
         """A Transformer from a `translate train` run, a Hugging Face Marian (OPUS-MT) directory,
         or a hub name (see checkpoints.py)."""
-        return checkpoints.load_model(cls, path, device)
+        return checkpoints.load_model(cls, path, device, average)
 
     def save_pretrained(self, out_dir, tokenizer_dir=None):
         """Write a Hugging Face Marian directory that `MarianMTModel.from_pretrained` loads, with

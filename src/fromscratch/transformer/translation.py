@@ -33,11 +33,12 @@ logger = logging.getLogger(__name__)
 SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
 
 
-def load_translator(spec: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer) from a run directory (its best checkpoint, else its latest),
-    one checkpoint directory of a run, a Marian directory or a hub name."""
+def load_translator(spec: str | Path, device: str = "cpu", average: int | None = None):
+    """(model in eval mode, tokenizer) from a run directory (its best checkpoint, else its latest;
+    with `average`, the mean of its last `average` checkpoints), one checkpoint directory of a run,
+    a Marian directory or a hub name."""
     path = resolve_checkpoint(spec, allow_patterns=MARIAN_HUB_FILES)
-    model = Transformer.from_pretrained(path, device)
+    model = Transformer.from_pretrained(path, device, average)
     found = run_checkpoint(path)
     if found is None:  # a Marian directory (from_pretrained has read its config.json)
         from fromscratch.transformer.marian import MarianTokenizer
