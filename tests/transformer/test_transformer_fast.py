@@ -72,6 +72,22 @@ def test_packed_weights_follow_the_models_weights():
     assert model.decode_step.packed is not first
 
 
+def test_packed_weights_follow_a_fused_optimizer_step():
+    """PyTorch's fused AdamW writes the weights without bumping their version counters (the
+    engine's optimizer): the packed copy must still be made anew, or evaluation during training
+    would decode with the weights of the evaluation before."""
+    model = accelerate(_model())
+    src = _sources()
+    model.generate(src, max_new_tokens=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in model.parameters()]
+    optimizer.step()
+    assert versions == [p._version for p in model.parameters()]  # why the key counts optimizer steps
+    assert torch.equal(model.generate(src, max_new_tokens=10), model.generate(src, max_new_tokens=10, use_cache=False))
+
+
 class DoubledFeedForward(FeedForward):
     def forward(self, x):
         return 2 * super().forward(x)
@@ -115,3 +131,28 @@ def test_accelerated_training_loss_and_gradients_equal_the_plain_ones(name):
     scale = max(float(p.grad.abs().max()) for p in plain.parameters())  # rounding grows with it
     for (name_, p), q in zip(plain.named_parameters(), accelerated.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5 * scale, rtol=1e-4, msg=name_)
+
+
+def test_cpu_bfloat16_training_takes_the_written_out_attention_and_rounds_no_worse(monkeypatch):
+    """Under CPU autocast in bfloat16 (`--dtype bfloat16`) the fused attention skips PyTorch's
+    slow CPU bfloat16 flash kernel; its loss and gradients are as close to float32 as those of
+    the plain model under the same autocast."""
+    src = _sources()
+    tgt = torch.randint(3, 40, (3, 7), generator=torch.Generator().manual_seed(2))
+
+    def loss_and_gradient(model, bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            loss = model.train()(src, tgt[:, :-1], targets=tgt[:, 1:], label_smoothing=0.1)
+        loss.backward()
+        return loss.float(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    expected_loss, expected_grad = loss_and_gradient(_model(norm_first=True), bfloat16=False)
+    plain_loss, plain_grad = loss_and_gradient(_model(norm_first=True), bfloat16=True)
+
+    def flash(*args, **kwargs):
+        raise AssertionError("the CPU bfloat16 flash kernel ran")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", flash)
+    loss, grad = loss_and_gradient(accelerate(_model(norm_first=True)), bfloat16=True)
+    assert abs(loss - expected_loss) <= max(abs(plain_loss - expected_loss), 2**-8 * expected_loss)  # bf16's ε
+    assert (grad - expected_grad).norm() <= 1.25 * (plain_grad - expected_grad).norm()

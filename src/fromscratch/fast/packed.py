@@ -9,6 +9,7 @@ decoding step (`fromscratch.llama.fast`, `fromscratch.transformer.fast`).
 """
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def column_blocks(weight: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -45,11 +46,25 @@ def n_column_blocks(d_out: int) -> int:
     return 1
 
 
+# PyTorch's fused and foreach optimizers write the parameters without bumping their version
+# counters, so every optimizer step in the process counts as a write to every model.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def weights_key(model: torch.nn.Module) -> tuple | None:
     """Changes whenever a parameter of `model` is replaced (its storage) or written in place (its
-    version counter: optimizer steps, load_state_dict). None when that cannot be told: tensors
-    made under torch.inference_mode() keep no version counter."""
-    key = []
+    version counter: load_state_dict, in-place ops), and after any optimizer step (a fused AdamW
+    step leaves the version counters alone). None when that cannot be told: tensors made under
+    torch.inference_mode() keep no version counter."""
+    key = [_optimizer_steps]
     for p in model.parameters():
         if p.is_inference():
             return None

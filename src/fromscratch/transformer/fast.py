@@ -2,7 +2,11 @@
 
 1. The training loss: `forward(..., targets=...)` uses `fromscratch.fast.cross_entropy`, which
    computes the label-smoothed cross-entropy without ever holding the (tokens × vocab) logits.
-2. Decoding one token at a time: `model.decode_step` becomes a `PackedDecoder`, which runs
+2. Fewer, larger kernels in training: each attention's projections that read the same input are
+   one product (q|k|v in self-attention, k|v of the encoder output in cross-attention), and each
+   `LayerNorm` becomes a `FastLayerNorm`, whose backward pass is written out (autograd through
+   `LayerNorm.forward` records seven operations and keeps their intermediates).
+3. Decoding one token at a time: `model.decode_step` becomes a `PackedDecoder`, which runs
    model.py's decoder layers for one position on a copy of their weights laid out for it
    (`fromscratch.fast.packed`: transposed, cut into column blocks that one `bmm` shares among the
    cores), with the self-attention's q|k|v fused into one product. On a CPU a one-token step is
@@ -42,12 +46,92 @@ PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through Transf
 PACKED_ROWS = 16  # up to this many rows a step streams weights (packed); beyond, it computes (nn.Linear)
 
 
-def accelerate(model: Transformer) -> Transformer:
+def accelerate(model: nn.Module) -> nn.Module:
     """Switch `model` to the fast paths (see the module docstring); returns it. Its parameters,
-    their names and every result stay the same."""
+    their names and every result stay the same. Only exact types are replaced (a subclass may
+    compute something else); models built of the Transformer's layers (the VLM's) take them too."""
+    swap_layers(model)
+    if not isinstance(model, Transformer):
+        return model
     model.next_token_loss = fused_next_token_loss
     model.decode_step = PackedDecoder(model) if PackedDecoder.supports(model) else None
     return model
+
+
+def swap_layers(model: nn.Module) -> None:
+    """Give every MultiHeadAttention and LayerNorm of `model` its fast class (which adds no state)."""
+    for module in model.modules():
+        if type(module) is MultiHeadAttention:
+            module.__class__ = FusedMultiHeadAttention
+        elif type(module) is LayerNorm:
+            module.__class__ = FastLayerNorm
+
+
+class FusedMultiHeadAttention(MultiHeadAttention):
+    """`MultiHeadAttention` whose projections of one input are one product: q|k|v when queries,
+    keys and values all come from x, k|v when they come from another context. The weights are
+    joined at each call (a copy of d_model² numbers per projection, against a product of
+    rows × d_model² multiply-adds), so the parameters stay the model's own."""
+
+    def forward(self, x, context, mask=None, is_causal=False, cache=None):
+        if cache is not None or self.record_weights:  # decoding (the packed step does it) or figures
+            return super().forward(x, context, mask, is_causal, cache)
+        if context is x:
+            q, k, v = self._joined(x, self.q_proj, self.k_proj, self.v_proj).chunk(3, dim=-1)
+        else:
+            q = self.q_proj(x)
+            k, v = self._joined(context, self.k_proj, self.v_proj).chunk(2, dim=-1)
+        # PyTorch's CPU flash kernel is slow in bfloat16 (its backward 4-5× the written-out
+        # QKᵀ, softmax, ·V at translation lengths: 14 ms against 3 ms for 60 × 4 heads × 25 × 64),
+        # so CPU autocast takes the written-out form.
+        use_sdpa = self.use_sdpa and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+        out = scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask,
+                                           is_causal, use_sdpa=use_sdpa)
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    @staticmethod
+    def _joined(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        return F.linear(x, weight, bias)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """y = x̂·γ + β with x̂ = (x − μ)·r, r = 1/√(σ² + ε), over the last dimension (d values).
+
+    Backward, with g = ∂L/∂y and ĝ = g·γ:
+        ∂L/∂γ = Σ g·x̂,   ∂L/∂β = Σ g   (sums over every position)
+        ∂L/∂x = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ·x̂))   (means over the d values)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        x_hat = (x - mean).mul_(rstd)
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return torch.addcmul(bias, x_hat, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x_hat, rstd, weight = ctx.saved_tensors
+        d = x_hat.size(-1)
+        grad_weight = (grad * x_hat).reshape(-1, d).sum(dim=0)
+        grad_bias = grad.reshape(-1, d).sum(dim=0)
+        g = grad * weight
+        grad_x = g - g.mean(dim=-1, keepdim=True) - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)
+        return grad_x.mul_(rstd), grad_weight, grad_bias, None
+
+
+class FastLayerNorm(LayerNorm):
+    """`LayerNorm` with the written-out backward of `_LayerNorm` (and a three-kernel forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _LayerNorm.apply(x, self.weight, self.bias, self.eps)
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        return torch.addcmul(self.bias, (x - mean).mul_(torch.rsqrt(var + self.eps)), self.weight)
 
 
 def fused_next_token_loss(hidden, output_projection, logits_bias, targets, ignore_index, label_smoothing,
@@ -150,6 +234,10 @@ class PackedTransformer:
         return self.output(x).float()
 
 
+ATTENTIONS = (MultiHeadAttention, FusedMultiHeadAttention)  # what the packed step knows
+NORMS = (LayerNorm, FastLayerNorm)
+
+
 class PackedDecoder(PackedCopy):
     """`model.decode_step` after `accelerate`: a `PackedTransformer` of the model's current
     weights, made on the first call and made again whenever a parameter is replaced or written in
@@ -162,9 +250,9 @@ class PackedDecoder(PackedCopy):
     def supports(model: Transformer) -> bool:
         """Whether every decoder layer is one the packed step knows, on a CPU, and the copy affordable."""
         known = all(
-            type(layer) is DecoderLayer and type(layer.self_attention) is MultiHeadAttention
-            and type(layer.cross_attention) is MultiHeadAttention and type(layer.feed_forward) is FeedForward
-            and all(type(norm) is LayerNorm for norm in layer.norms)
+            type(layer) is DecoderLayer and type(layer.self_attention) in ATTENTIONS
+            and type(layer.cross_attention) in ATTENTIONS and type(layer.feed_forward) is FeedForward
+            and all(type(norm) in NORMS for norm in layer.norms)
             for layer in model.decoder_layers
         )
         weight = model.tgt_embedding.weight
