@@ -225,3 +225,10 @@ def test_plot_command_overlays_runs(tmp_path, capsys):
     assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_run_that_ends_on_the_clock_is_evaluated_at_its_last_step(tmp_path):
+    result = Trainer(ToyTask(), config(tmp_path / "run", max_steps=10_000, eval_every=10_000,
+                                       max_minutes=0.02)).fit()
+    evals = read_csv(tmp_path / "run" / "eval.csv")
+    assert 0 < result["step"] < 10_000 and evals[-1]["step"] == result["step"]

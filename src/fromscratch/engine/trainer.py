@@ -377,8 +377,14 @@ class Trainer:
                     progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
                     progress.update(1)
 
+                out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+                if info.enabled:  # every process must agree to stop at the same step
+                    out_of_time = bool(all_reduce_sum(torch.tensor(float(out_of_time), device=self.device), info).item())
+                stopping = self._stop_signal is not None or out_of_time
                 is_best = False
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                # A run that ends on the clock is evaluated at its last step too, so that its best
+                # checkpoint can be the last one. (A signal asks to stop soon: no evaluation then.)
+                if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
                     evals = {"step": step, **self._evaluate(model, step)}
                     value = evals.get(self.best_metric)
                     if value is not None and math.isfinite(value):
@@ -389,10 +395,6 @@ class Trainer:
                         eval_log.write(evals)
                         board.write(evals, step, "eval")
                         progress.write("step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if k != "step")))
-                out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
-                if info.enabled:  # every process must agree to stop at the same step
-                    out_of_time = bool(all_reduce_sum(torch.tensor(float(out_of_time), device=self.device), info).item())
-                stopping = self._stop_signal is not None or out_of_time
                 if step % cfg.save_every == 0 or step == cfg.max_steps or is_best or stopping:
                     self._save(step, tokens_seen, best, is_best, model, optimizer, scaler)
                     timer = time.perf_counter()  # saving is not training time
