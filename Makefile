@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_transformer.py
 	$(PY) bench/bench_llama.py
+	$(PY) bench/bench_moe.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

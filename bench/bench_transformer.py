@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -93,7 +94,8 @@ def alternate(contenders: dict, rounds: int, warmup: int = 1) -> dict:
     return {name: {"median": statistics.median(t), "best": min(t)} for name, t in times.items()}
 
 
-def bench_training(config, batch_size, src_len, tgt_len, rounds):
+def bench_training(config, batch_size, src_len, tgt_len, rounds, dtype=torch.float32):
+    """Both models trained the same way; in bfloat16 both under the same CPU autocast."""
     torch.manual_seed(0)
     ours, theirs = accelerate(Transformer(config)).train(), PyTorchTransformer(config).train()
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
@@ -101,16 +103,21 @@ def bench_training(config, batch_size, src_len, tgt_len, rounds):
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
 
+    def autocast():
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
     def ours_step():  # our training API: the loss through forward, as translate train computes it
-        loss = ours(src, tgt_in, targets=target, label_smoothing=0.1)
+        with autocast():
+            loss = ours(src, tgt_in, targets=target, label_smoothing=0.1)
         opt_ours.zero_grad(set_to_none=True)
         loss.backward()
         opt_ours.step()
 
     def theirs_step():
-        logits = theirs(src, tgt_in)
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=config.pad_id,
-                               reduction="sum", label_smoothing=0.1)
+        with autocast():
+            logits = theirs(src, tgt_in)
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=config.pad_id,
+                                   reduction="sum", label_smoothing=0.1)
         opt_theirs.zero_grad(set_to_none=True)
         loss.backward()
         opt_theirs.step()
@@ -118,8 +125,8 @@ def bench_training(config, batch_size, src_len, tgt_len, rounds):
     seconds = alternate({"ours": ours_step, "pytorch": theirs_step}, rounds)
     tokens = batch_size * (src_len + tgt_len)  # source + target positions per step
     return {
-        "config": config.to_dict(), "batch_size": batch_size, "src_len": src_len, "tgt_len": tgt_len,
-        "seconds_per_step": seconds,
+        "config": config.to_dict(), "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size,
+        "src_len": src_len, "tgt_len": tgt_len, "seconds_per_step": seconds,
         "tokens_per_second": {name: tokens / s["median"] for name, s in seconds.items()},
         "ratio_ours_over_pytorch": seconds["pytorch"]["median"] / seconds["ours"]["median"],
         "ratio_best": seconds["pytorch"]["best"] / seconds["ours"]["best"],
@@ -221,6 +228,9 @@ def main():
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.checkpoint and load_translator(args.checkpoint)[0].config.norm_first:  # fail before an hour of work
+        sys.exit(f"--checkpoint {args.checkpoint}: a pre-norm run has no MarianMTModel equivalent to time against; "
+                 "give a post-norm one (translate train --no-norm-first)")
 
     if args.quick:
         train_config = decode_config = TransformerConfig.from_preset("tiny", vocab_size=1000)
@@ -237,8 +247,12 @@ def main():
     }
     # With the config's dropout (as trained), and without: PyTorch also drops attention weights
     # and FFN activations, which the paper (and ours) does not, so the second is compute alone.
-    for key, config in [("training", train_config), ("training_without_dropout", replace(train_config, dropout=0.0))]:
-        t = results[key] = bench_training(config, rounds=rounds, **train_shape)
+    # And both in bfloat16 under CPU autocast (`--dtype bfloat16`), where the CPU has bf16 products.
+    runs = [("training", train_config, torch.float32),
+            ("training_without_dropout", replace(train_config, dropout=0.0), torch.float32),
+            ("training_bfloat16", train_config, torch.bfloat16)]
+    for key, config, dtype in runs:
+        t = results[key] = bench_training(config, rounds=rounds, dtype=dtype, **train_shape)
         print(f"{key}: ours {t['tokens_per_second']['ours']:.0f} tok/s, nn.Transformer "
               f"{t['tokens_per_second']['pytorch']:.0f} tok/s, ratio {t['ratio_ours_over_pytorch']:.2f}x", flush=True)
     g = results["greedy_batch_1"] = bench_greedy(decode_config, 32, new_tokens, rounds)

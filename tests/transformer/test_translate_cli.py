@@ -141,15 +141,23 @@ def test_user_errors_are_one_line_without_traceback(data, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "nowhere" in result.stderr
 
 
-def test_parser_wiring_and_paper_defaults():
+def test_parser_wiring_and_the_recipes_of_each_device():
+    """Unset flags take the device's recipe: the one-hour CPU recipe, or the paper's base on a GPU."""
     from fromscratch.cli import build_parser
     from fromscratch.transformer.cli import cmd_eval, cmd_run, cmd_train
+    from fromscratch.transformer.training import RECIPES, paper_train_config, recipe
 
     parser = build_parser()
     args = parser.parse_args(["translate", "train", "--train", "a", "b", "--valid", "c", "--out", "o"])
-    assert args.func is cmd_train and args.train == ["a", "b"] and args.preset == "base"
-    assert (args.lr, args.warmup_steps, args.max_steps, args.clip_grad) == (1.0, 4000, 100_000, 1.0)
-    assert args.batch_tokens == 25_000
+    assert args.func is cmd_train and args.train == ["a", "b"]
+    assert (args.preset, args.batch_tokens, args.lr, args.warmup_steps) == (None, None, None, None)
+    assert (args.max_steps, args.clip_grad) == (100_000, 1.0)
+    assert recipe("cpu") is RECIPES["cpu"] and RECIPES["cpu"]["model"]["preset"] == "small"
+    gpu = RECIPES["gpu"]
+    assert gpu["model"]["preset"] == "base" and gpu["model"]["batch_tokens"] == 25_000  # Table 3, §5.1
+    assert gpu["engine"] == {"dtype": "bfloat16", "compile": True}
+    paper = paper_train_config()
+    assert (paper.lr, paper.warmup_steps, paper.betas, paper.eps) == (1.0, 4000, (0.9, 0.98), 1e-9)  # §5.3
     args = parser.parse_args(["translate", "eval", "--checkpoint", "r", "--test", "t"])
     assert args.func is cmd_eval and args.beam == 4
     args = parser.parse_args(["translate", "run", "--checkpoint", "r", "hello", "world"])

@@ -204,3 +204,24 @@ def test_averaging_the_last_checkpoints_is_their_element_wise_mean(tmp_path):
     torch.testing.assert_close(model.state_dict()[name], averaged[name])
     with pytest.raises(UserError, match="keeps 3 checkpoint"):
         average_last_checkpoints(tmp_path / "run", 4, "transformer")
+
+
+def test_train_with_no_settings_takes_the_cpu_recipe_and_a_given_flag_wins(tmp_path):
+    """`translate train --train ... --valid ... --out DIR` with no other flag is the one-hour CPU
+    recipe (RECIPES["cpu"]); a setting given explicitly replaces the recipe's."""
+    import json
+
+    from fromscratch.transformer import train
+    from fromscratch.transformer.training import RECIPES
+
+    cpu = RECIPES["cpu"]
+    train("demo:train", "demo:test", tmp_path / "recipe", max_steps=1, bleu_samples=0, device="cpu")
+    run = json.loads((tmp_path / "recipe" / "run.json").read_text())
+    expected = TransformerConfig.from_preset(cpu["model"]["preset"], norm_first=cpu["model"]["norm_first"])
+    assert (run["model_config"]["d_model"], run["model_config"]["norm_first"]) == (expected.d_model, True)
+    assert {name: run["train_config"][name] for name in cpu["engine"]} == cpu["engine"]
+    train("demo:train", "demo:test", tmp_path / "given", preset="tiny", lr=0.5, max_steps=1, bleu_samples=0,
+          device="cpu")
+    run = json.loads((tmp_path / "given" / "run.json").read_text())
+    assert run["model_config"]["d_model"] == TransformerConfig.from_preset("tiny").d_model
+    assert run["train_config"]["lr"] == 0.5 and run["train_config"]["warmup_steps"] == cpu["engine"]["warmup_steps"]

@@ -18,8 +18,10 @@ from fromscratch.errors import UserError
 from fromscratch.inputs import checked_text, stdin_lines
 from fromscratch.transformer.config import TransformerConfig
 from fromscratch.transformer.data import load_corpora
-from fromscratch.transformer.training import paper_train_config, train
+from fromscratch.transformer.training import RECIPES, paper_train_config, train
 from fromscratch.transformer.translation import evaluate_bleu, load_translator, translate
+
+RECIPE_FLAGS = sorted({name for r in RECIPES.values() for name in r["engine"]})  # engine flags a recipe sets
 
 
 def register(subparsers) -> None:
@@ -38,11 +40,12 @@ def register(subparsers) -> None:
     )
     train_p.add_argument("--train", nargs="+", required=True, metavar="PREFIX", help="training corpora")
     train_p.add_argument("--valid", required=True, metavar="PREFIX", help="validation corpus")
-    train_p.add_argument("--preset", default="base", choices=list(TransformerConfig.PRESETS),
-                         help="model size (default: base, Table 3)")
-    train_p.add_argument("--vocab-size", type=int, default=8000, help="joint BPE vocabulary size (default: 8000)")
-    train_p.add_argument("--batch-tokens", type=int, default=25_000,
-                         help="padded tokens per side in a batch (default: 25000, §5.1); replaces --batch-size")
+    train_p.add_argument("--preset", default=None, choices=list(TransformerConfig.PRESETS),
+                         help="model size (default: the device's recipe: small on a CPU, base on a GPU)")
+    train_p.add_argument("--vocab-size", type=int, default=None, help="joint BPE vocabulary size (default: recipe's)")
+    train_p.add_argument("--batch-tokens", type=int, default=None,
+                         help="padded tokens per side in a batch (default: recipe's; §5.1 has 25000); "
+                              "replaces --batch-size")
     train_p.add_argument("--max-tokens", type=int, default=256,
                          help="skip training pairs with a side longer than this many tokens (default: 256)")
     train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
@@ -51,13 +54,15 @@ def register(subparsers) -> None:
     train_p.add_argument("--bleu-samples", type=int, default=200,
                          help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
     add_train_arguments(train_p, paper_train_config())
+    # What the device's recipe sets (training.RECIPES) stays unset here unless given.
+    train_p.set_defaults(**{name: None for name in RECIPE_FLAGS})
     for action in train_p._actions:  # argparse has no public way to reword a shared flag's help
         if action.dest == "batch_size":
             action.help = "not used by translate: batches are sized by --batch-tokens"
         elif action.dest == "lr":
-            action.help = "multiplier on the noam schedule of §5.3 (default: 1.0, the paper)"
+            action.help = "multiplier on the noam schedule of §5.3 (default: the recipe's; 1.0 is the paper)"
         elif action.dest == "warmup_steps":
-            action.help = "noam warm-up steps (default: 4000, §5.3)"
+            action.help = "noam warm-up steps (default: the recipe's; 4000 in §5.3)"
     train_p.set_defaults(func=cmd_train)
 
     checkpoint_help = "a run directory or one checkpoint in it, a Marian directory, or a hub name"

@@ -222,21 +222,49 @@ def _sha256(*columns: list[str]) -> str:
 # Training from Python (what `fromscratch translate train` calls)
 
 
-def train(train: str | list[str], valid: str, out: str | Path, *, preset: str = "base", vocab_size: int = 8000,
-          batch_tokens: int = 25_000, max_tokens: int = 256, dropout: float | None = None,
-          norm_first: bool | None = None, bleu_samples: int = 200, command: list[str] | None = None,
-          **engine) -> dict:
+# The default recipes of `translate train`, chosen by the device. On a GPU, the paper's `base`
+# (§5.3, Table 3) in bfloat16 with torch.compile. On a CPU, what trains best in an hour on two
+# cores (bench/translate_ablations.py; the Transformer README's ablation table): the `small`
+# model, pre-norm layers with a higher learning rate, smaller batches, more frequent checkpoints
+# (averaged at evaluation, §6.1), in float32: bfloat16 autocast trained fewer steps in the same
+# time there (each batch's new matrix shapes cost oneDNN a new kernel).
+RECIPES = {
+    "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, norm_first=False, dropout=None),
+                engine=dict(dtype="bfloat16", compile=True)),
+    "cpu": dict(model=dict(preset="small", vocab_size=8000, batch_tokens=1500, norm_first=True, dropout=None),
+                engine=dict(lr=1.0, warmup_steps=400, eval_every=500, save_every=250, keep_last=5)),
+}
+
+
+def recipe(device: str = "auto") -> dict:
+    """The default settings of `train` for `device`: {"model": ..., "engine": ...} (RECIPES)."""
+    from fromscratch.devices import resolve_device
+
+    return RECIPES["gpu" if resolve_device(device).type == "cuda" else "cpu"]
+
+
+def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | None = None,
+          vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int = 256,
+          dropout: float | None = None, norm_first: bool | None = None, bleu_samples: int = 200,
+          command: list[str] | None = None, **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
     `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
-    `out`. `engine`: the shared engine's options (`max_steps`, `lr` — a multiplier on the noam
-    schedule —, `warmup_steps`, `resume`, ...; `fromscratch.engine.TrainConfig`).
-    Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
+    `out`. A setting left None takes the device's recipe (`RECIPES`: on a CPU the one-hour recipe,
+    on a GPU the paper's `base`). `engine`: the shared engine's options (`max_steps`, `lr` — a
+    multiplier on the noam schedule —, `warmup_steps`, `max_minutes`, `resume`, ...;
+    `fromscratch.engine.TrainConfig`). Returns the engine's result: {"step", "train", "eval",
+    "best", "run_dir"}.
     """
+    defaults = recipe(engine.get("device") or "auto")
+    given = dict(preset=preset, vocab_size=vocab_size, batch_tokens=batch_tokens, norm_first=norm_first, dropout=dropout)
+    settings = {name: value if value is not None else defaults["model"][name] for name, value in given.items()}
+    preset, vocab_size, batch_tokens = settings["preset"], settings["vocab_size"], settings["batch_tokens"]
+    engine = {**defaults["engine"], **{k: v for k, v in engine.items() if v is not None}}
     if vocab_size < 260:
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 260")
     if batch_tokens < 8:
         raise UserError(f"--batch-tokens {batch_tokens} is too small")
-    overrides = {name: value for name, value in (("dropout", dropout), ("norm_first", norm_first)) if value is not None}
+    overrides = {name: settings[name] for name in ("dropout", "norm_first") if settings[name] is not None}
     TransformerConfig.from_preset(preset, **overrides)  # an unknown preset or a bad dropout fails now
     config = make_train_config(paper_train_config(), out, **engine)
     config.check_before_work()
