@@ -11,10 +11,10 @@ from fromscratch.engine.config import (
     make_train_config,
     train_config_from_args,
 )
-from fromscratch.engine.trainer import Trainer, TrainingStopped, seed_everything, split_batch
+from fromscratch.engine.trainer import Trainer, TrainingStopped, check_run_state, seed_everything, split_batch
 
 __all__ = [
     "Trainer", "TrainConfig", "TrainingStopped", "add_train_arguments", "engine_options", "make_train_config",
     "train_config_from_args",
-    "checkpoint_dir", "seed_everything", "split_batch",
+    "check_run_state", "checkpoint_dir", "seed_everything", "split_batch",
 ]

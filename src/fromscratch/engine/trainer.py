@@ -81,6 +81,19 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     return [{k: (parts[k][i] if k in parts else v) for k, v in batch.items()} for i in range(n)]
 
 
+
+def check_run_state(run_dir: str | Path, resume: bool, model_name: str) -> None:
+    """--resume needs a checkpoint of this model in `run_dir`, and a new run an `--out` without
+    one. The Trainer checks it; a model's `train` calls it too, to fail before loading data."""
+    latest = ckpt.read_index(Path(run_dir)).get("latest")
+    if resume and not latest:
+        raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a new run")
+    if not resume and latest:
+        raise UserError(f"{run_dir} already holds a run (checkpoint {latest}); "
+                        "pass --resume to continue it, or choose another --out")
+    if resume:
+        check_run_model(Path(run_dir), model_name)
+
 class Trainer:
     def __init__(self, task, config: TrainConfig, command: list[str] | None = None):
         self.task, self.config = task, config
@@ -111,16 +124,8 @@ class Trainer:
     # --- run directory ---------------------------------------------------------------------
 
     def _check_run_dir(self) -> None:
-        index = ckpt.read_index(self.run_dir)
-        if self.config.resume and not index.get("latest"):
-            raise UserError(f"--resume: {self.run_dir} holds no checkpoint to resume from; drop --resume to start a new run")
-        if not self.config.resume and index.get("latest"):
-            raise UserError(
-                f"{self.run_dir} already holds a run (checkpoint {index['latest']}); "
-                "pass --resume to continue it, or choose another --out"
-            )
+        check_run_state(self.run_dir, self.config.resume, self.model_name)
         if self.config.resume:
-            check_run_model(self.run_dir, self.model_name)
             record = read_json_object(self.run_dir / ckpt.RUN_RECORD)
             problems = [
                 f"{key}={record['model_config'].get(key)!r} (asked now: {value!r})"

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fromscratch.checkpoints.runs import check_run_model
-from fromscratch.engine import TrainConfig, Trainer, make_train_config, seed_everything
+from fromscratch.engine import TrainConfig, Trainer, check_run_state, make_train_config, seed_everything
 from fromscratch.engine.checkpoint import read_index, write_json
 from fromscratch.engine.distributed import barrier, broadcast_object
 from fromscratch.errors import UserError
@@ -206,13 +205,7 @@ def _train(task_class, config_class, data, out, preset, tokenizer, vocab_size, s
     if seq_len is not None and seq_len < 1:
         raise UserError(f"--seq-len must be at least 1, got {seq_len}")
     seq_len = seq_len or min(preset_config.max_seq_len, 256)
-    has_run = bool(read_index(run_dir).get("latest"))
-    if config.resume and not has_run:
-        raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a new run")
-    if not config.resume and has_run:
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    if config.resume:
-        check_run_model(run_dir, task_class.model_name)
+    check_run_state(run_dir, config.resume, task_class.model_name)  # before any data is read
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun (the engine checks again)
     if config.batch_size % (processes * config.grad_accum):
         raise UserError(

@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fromscratch.checkpoints.runs import check_run_model
-from fromscratch.engine import TrainConfig, Trainer, make_train_config
+from fromscratch.engine import TrainConfig, Trainer, check_run_state, make_train_config
 from fromscratch.errors import UserError
 from fromscratch.transformer.config import TransformerConfig
 from fromscratch.transformer.data import (
@@ -268,8 +267,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     TransformerConfig.from_preset(preset, **overrides)  # an unknown preset or a bad dropout fails now
     config = make_train_config(paper_train_config(), out, **engine)
     config.check_before_work()
-    if config.resume:
-        check_run_model(Path(out), TranslationTask.model_name)
+    check_run_state(out, config.resume, TranslationTask.model_name)  # before the corpora are read
     train_corpus = load_corpora([train] if isinstance(train, str) else list(train))
     valid_corpus = load_corpora([valid])
     out = Path(out)

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fromscratch.checkpoints.runs import check_run_model, read_run
+from fromscratch.checkpoints.runs import read_run
 from fromscratch.checkpoints.safe import read_json_object
-from fromscratch.engine import TrainConfig, Trainer, make_train_config
+from fromscratch.engine import TrainConfig, Trainer, check_run_state, make_train_config
 from fromscratch.engine.checkpoint import read_index, write_json
 from fromscratch.errors import UserError
 from fromscratch.vlm import sources
@@ -264,13 +264,7 @@ def train(data: str, out: str | os.PathLike, *, preset: str | None = None, texts
         raise UserError(f"--batch-size {config.batch_size} is not divisible by processes × --grad-accum = "
                         f"{processes} × {config.grad_accum}; the global batch must split evenly")
     run_dir = Path(config.out_dir)
-    has_run = bool(read_index(run_dir).get("latest"))
-    if config.resume and not has_run:
-        raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a new run")
-    if not config.resume and has_run:
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    if config.resume:
-        check_run_model(run_dir, MODEL_NAME)
+    check_run_state(run_dir, config.resume, MODEL_NAME)  # before any data is read
     scene_settings = sources.scene_settings(scenes) if what == "scenes" else None
     settings = {"data": sources.canonical(data), "preset": preset, "texts_per_image": texts_per_image,
                 "blind": blind, "scenes": scene_settings}
