@@ -19,6 +19,7 @@ PRESET=${PRESET:-small}
 BATCH=${BATCH:-16}
 SEQ_LEN=${SEQ_LEN:-256}
 VOCAB=${VOCAB:-4096}
+DEVICE=${DEVICE:-cpu}  # the losses and loads do not depend on it; bench/gpu_run.sh runs it on a GPU
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 for BALANCE in none aux bias; do
@@ -30,6 +31,6 @@ for BALANCE in none aux bias; do
     $PY -m fromscratch moe train --data "$DATA" --out "$RUN" --preset "$PRESET" --balance "$BALANCE" \
         --vocab-size "$VOCAB" "${TOKENIZER[@]}" --seq-len "$SEQ_LEN" --batch-size "$BATCH" --max-steps "$STEPS" \
         --eval-every $(( STEPS < 100 ? STEPS : 100 )) --save-every $(( STEPS < 100 ? STEPS : 100 )) \
-        --seed 0 --device cpu "${RESUME[@]}" 2>&1 | tee "$RUN.log"
+        --seed 0 --device "$DEVICE" "${RESUME[@]}" 2>&1 | tee "$RUN.log"
 done
 $PY bench/moe_results.py balance "$OUT/none" "$OUT/aux" "$OUT/bias" --out "$OUT/balance.png"

@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 D=${FROMSCRATCH_DATA:-../shared/data}/en-id
 OUT=${1:-runs/enid-gpu}
 MINUTES=${2:-10}
-PY=.venv/bin/python
+shift $(( $# < 2 ? $# : 2 ))  # the rest: `translate train` flags over the recipe's (bench/gpu_translate_variants.sh)
+PY=${PY:-.venv/bin/python}
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'translate_enid_gpu.sh: no CUDA device')"
 $PY -m fromscratch translate train --train $(ls $D/*.en | sed 's/\.en$//' | grep -v opus100-dev) \
-    --valid $D/opus100-dev --out "$OUT" --max-steps 1000000 --max-minutes "$MINUTES" --seed 0
+    --valid $D/opus100-dev --out "$OUT" --max-steps 1000000 --max-minutes "$MINUTES" --seed 0 "$@"
 for beam in 1 4; do
     $PY -m fromscratch translate eval --checkpoint "$OUT" --test $D/opus100-dev --beam $beam \
         --output "$OUT/opus100-dev.beam$beam.id" | tee "$OUT/eval-beam$beam.log"

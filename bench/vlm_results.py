@@ -4,6 +4,7 @@ times. Run alone on a quiet machine (each training takes many minutes; see the R
     python bench/vlm_results.py                         # every experiment
     python bench/vlm_results.py easy-vqa scenes         # some of them
     python bench/vlm_results.py --quick --results /tmp/q  # a smoke run: tiny models, a few steps
+    python bench/vlm_results.py --device cuda           # the same commands on a GPU (bench/gpu_run.sh)
     VQA_RAD_TEST=path/to/testset.json python bench/vlm_results.py vqa-rad   # VQA-RAD's held-out test file
 
 Each experiment is exactly the commands the README shows (`fromscratch vlm train` then
@@ -55,15 +56,15 @@ def run(command: list[str], log: Path, env: dict) -> dict:
             "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
 
 
-def experiment(name: str, quick: bool, env: dict, results: Path = RESULTS) -> dict:
+def experiment(name: str, quick: bool, env: dict, results: Path = RESULTS, device: str = "cpu") -> dict:
     train_flags, eval_flags = EXPERIMENTS[name]
     out = results / f"vlm_{name}"
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
     fromscratch = [sys.executable, "-m", "fromscratch", "vlm"]
-    train = [*fromscratch, "train", *train_flags, "--out", str(run_dir), "--device", "cpu"]
+    train = [*fromscratch, "train", *train_flags, "--out", str(run_dir), "--device", device]
     evaluate = [*fromscratch, "eval", "--checkpoint", str(run_dir), *eval_flags, "--output", str(out / "eval.json"),
-                "--device", "cpu"]
+                "--device", device]
     if quick:
         train += QUICK["train"] + (QUICK["scenes"] if name == "scenes" else [])
         evaluate += QUICK["eval"]
@@ -72,7 +73,7 @@ def experiment(name: str, quick: bool, env: dict, results: Path = RESULTS) -> di
     if (run_dir / "checkpoints.json").exists():
         train.append("--resume")  # a run cut short: continue it (a finished one returns at once)
     load = os.getloadavg()[0]
-    record = {"experiment": name, "load_average_before": load, "train": run(train, out / "train.log", env)}
+    record = {"experiment": name, "device": device, "load_average_before": load, "train": run(train, out / "train.log", env)}
     record["eval"] = run(evaluate, out / "eval.txt", env)
     record["load_average_after"] = os.getloadavg()[0]
     record["last_line"] = (out / "eval.txt").read_text().strip().splitlines()[-1]
@@ -94,6 +95,7 @@ def main():
                         help=f"some of {', '.join(EXPERIMENTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: a smoke run")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where vlm_NAME/ go (default: bench/results)")
+    parser.add_argument("--device", default="cpu", help="cpu (the README's times) or cuda (bench/gpu_run.sh)")
     args = parser.parse_args()
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown:
@@ -101,7 +103,7 @@ def main():
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
     env.setdefault("FROMSCRATCH_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     for name in args.experiments or list(EXPERIMENTS):
-        experiment(name, args.quick, env, args.results)
+        experiment(name, args.quick, env, args.results, args.device)
 
 
 if __name__ == "__main__":

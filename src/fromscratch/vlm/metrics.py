@@ -209,7 +209,7 @@ def recall_at_k(similarity, text_image, ks: Sequence[int] = (1, 5, 10)) -> dict[
     Returns {"image_to_text_R@1": ..., "text_to_image_R@1": ..., ...} in [0, 1]."""
     import torch
 
-    similarity = torch.as_tensor(similarity, dtype=torch.float32)
+    similarity = torch.as_tensor(similarity, dtype=torch.float32).cpu()  # from any device
     text_image = torch.as_tensor(text_image, dtype=torch.long)
     n_images, n_texts = similarity.shape
     # rank of the best matching text of each image, and of each text's image
