@@ -159,6 +159,24 @@ def test_a_block_the_fast_path_does_not_know_never_runs_packed(monkeypatch):
     assert len(calls) == 9  # every step after the prompt
 
 
+def test_a_block_swapped_after_accelerate_decodes_through_forward(monkeypatch):
+    """Whether the packed step applies is checked again whenever the weights change, not at every
+    step: swapping in a feed-forward it does not know brings new parameters, so the next step sees
+    it and decodes through Llama.forward, and equals uncached decoding."""
+    calls = []
+    real_step = PackedLlama.step
+    monkeypatch.setattr(PackedLlama, "step", lambda self, *a, **k: calls.append(1) or real_step(self, *a, **k))
+    model = accelerate(_model(CONFIGS["gqa"]))
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5))
+    model.generate(prompt, 4, temperature=0)
+    assert len(calls) == 3 and model.decode_step.packed is not None
+    torch.manual_seed(1)
+    model.layers[1].feed_forward = GatedFeedForward(model.config)
+    cached = model.generate(prompt, 10, temperature=0)
+    assert len(calls) == 3 and model.decode_step.packed is None
+    assert torch.equal(cached, model.generate(prompt, 10, temperature=0, use_cache=False))
+
+
 def test_accelerate_keeps_parameters_and_computes_the_same():
     """Training products through gemm.Linear and the loss without full logits: same parameters
     (tying included), same loss and gradients as the plain model."""

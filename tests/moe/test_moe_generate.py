@@ -34,19 +34,20 @@ def random_model(config: MoEConfig) -> MoELlama:
     return model
 
 
+@pytest.mark.parametrize("batch", [3, 1])  # 1: the single-row path (`PackedMoEFeedForward.one_row`)
 @pytest.mark.parametrize("name", STEP_CONFIGS)
-def test_packed_step_logits_equal_the_full_forward(name):
+def test_packed_step_logits_equal_the_full_forward(name, batch):
     model = random_model(STEP_CONFIGS[name])
-    input_ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, 20))
     packed = PackedLlama(model)
     assert {type(layer.feed_forward) for layer in packed.layers} >= {PackedMoEFeedForward}
     with torch.no_grad():
-        cache = model.new_cache(3, 20)
+        cache = model.new_cache(batch, 20)
         model.hidden_states(input_ids[:, :6], cache=cache)  # the prompt, through forward
         steps = torch.stack([packed.step(input_ids[:, t], cache) for t in range(6, 20)], dim=1)
         # forward one position at a time with the cache: the same token batches the step routes
         # (with a capacity, which tokens compete for an expert depends on the batch)
-        cache = model.new_cache(3, 20)
+        cache = model.new_cache(batch, 20)
         model.hidden_states(input_ids[:, :6], cache=cache)
         expected = torch.cat([model(input_ids[:, t:t + 1], cache=cache) for t in range(6, 20)], dim=1)
     torch.testing.assert_close(steps, expected, atol=1e-4, rtol=1e-5)

@@ -74,15 +74,19 @@ def weights_key(model: torch.nn.Module) -> tuple | None:
 
 class PackedCopy:
     """A packed copy of `model`'s weights, `pack(model)`, made on first use and made again
-    whenever the weights change (`weights_key`), so that it never serves stale weights."""
+    whenever the weights change (`weights_key`), so that it never serves stale weights; None
+    while `supports(model)` says the packed step does not apply. That check walks the whole model,
+    so it runs only when the weights change: moving the model to a GPU, converting its dtype or
+    swapping a block for another all replace parameters."""
 
-    def __init__(self, model: torch.nn.Module, pack):
-        self.model, self.pack = model, pack
-        self.packed, self.key = None, None
+    def __init__(self, model: torch.nn.Module, pack, supports=lambda model: True):
+        self.model, self.pack, self.supports = model, pack, supports
+        self.packed, self.key, self.made = None, None, False
 
     def current(self):
         key = weights_key(self.model)
-        if self.packed is None or key is None or key != self.key:
+        if not self.made or key is None or key != self.key:
             self.packed = None  # free the stale copy before making anew
-            self.packed, self.key = self.pack(self.model), key
+            self.packed = self.pack(self.model) if self.supports(self.model) else None
+            self.key, self.made = key, True
         return self.packed

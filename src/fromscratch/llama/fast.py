@@ -144,7 +144,7 @@ class PackedDecoder(PackedCopy):
     made on the first call and made again whenever a parameter is replaced or written in place."""
 
     def __init__(self, model: Llama):
-        super().__init__(model, PackedLlama)
+        super().__init__(model, PackedLlama, self.supports)
 
     @staticmethod
     def supports(model: Llama) -> bool:
@@ -161,6 +161,7 @@ class PackedDecoder(PackedCopy):
 
     def __call__(self, tokens: torch.Tensor, cache, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B,) at the position after the cached ones → logits (B, vocab_size)."""
-        if not self.supports(self.model):  # moved to a GPU since `accelerate`, say
+        packed = self.current()
+        if packed is None:  # moved to a GPU since `accelerate`, say
             return self.model(tokens[:, None], cache=cache, pad_lengths=pad_lengths)[:, -1]
-        return self.current().step(tokens, cache, pad_lengths)
+        return packed.step(tokens, cache, pad_lengths)

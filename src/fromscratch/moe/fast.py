@@ -13,7 +13,9 @@ column-block layout, and a step multiplies each expert that some row chose, on t
 place: the same arithmetic, reading the weights once. Routing (float32, top-k, capacity in the
 GShard order) and the combine (a buffer of one row per slot, summed over the k slots in order)
 are the layer's own functions, so `tests/moe/test_moe_generate.py` checks the step against
-`MoELlama.forward`. Routing statistics (`router_stats`) are only recorded by forward.
+`MoELlama.forward`. At batch 1 (`one_row`) there is nothing to sort: the row's k experts are
+multiplied in turn and their gated outputs summed, a few operations per expert instead of the
+sort, count and scatter. Routing statistics (`router_stats`) are only recorded by forward.
 """
 
 import torch
@@ -37,6 +39,9 @@ class PackedMoEFeedForward:
         layer = self.layer
         n_rows, k = x.size(0), layer.top_k
         _, _, chosen, gates = layer.router(x)  # (B, k) each
+        capacity = layer.capacity(n_rows)
+        if n_rows == 1 and (capacity is None or capacity >= 1):
+            return self.one_row(x, chosen[0].tolist(), gates[0])
         expert_of_slot = chosen.t().reshape(-1)  # (k·B,): slot j·B + b is row b's j-th choice
         gate_of_slot = gates.t().reshape(-1)
         slots_per_expert = torch.bincount(expert_of_slot, minlength=layer.n_experts)
@@ -48,6 +53,18 @@ class PackedMoEFeedForward:
                 y = blocked_matmul(F.silu(gate) * up, self.w2[e])
                 weighted[slots] = y.float() * gate_of_slot[slots, None]
         out = weighted.view(k, n_rows, -1).sum(dim=0)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.to(x.dtype)
+
+    def one_row(self, x: torch.Tensor, experts: list[int], gates: torch.Tensor) -> torch.Tensor:
+        """The same for a single row (generation at batch 1), without sorting: its k experts are
+        different, so each holds one slot and no capacity drops it. x (1, d_model); experts, its
+        k choices; gates (k,) float32. The k outputs are summed in slot order, as above."""
+        out = torch.zeros(1, x.size(-1), dtype=torch.float32, device=x.device)
+        for slot, e in enumerate(experts):
+            gate, up = blocked_matmul(x, self.w13[e]).chunk(2, dim=-1)
+            out += blocked_matmul(F.silu(gate) * up, self.w2[e]).float() * gates[slot]
         if self.shared is not None:
             out = out + self.shared(x)
         return out.to(x.dtype)

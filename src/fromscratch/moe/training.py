@@ -13,7 +13,7 @@ What the task adds to Llama's:
   the load counted over all the step's micro-batches, summed over processes;
 - each row of metrics.csv (`step_metrics`) holds, per sparse block i, the share of the step's
   token-slots each expert took (`moe{i}_load{e}`), the busiest expert's load over the mean
-  (`moe{i}_max_mean`, 1 = balanced, E = collapsed), the router's entropy in nats
+  (`moe{i}_max_mean`, 1 = balanced, E/k = every token on it), the router's entropy in nats
   (`moe{i}_entropy`), the dropped fraction of slots (`moe{i}_dropped`), the load-balancing and
   z-losses (`moe{i}_lb_loss`, `moe{i}_z_loss`), and the router term added to the loss
   (`router_loss`), all over the whole global batch;

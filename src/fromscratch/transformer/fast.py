@@ -244,7 +244,7 @@ class PackedDecoder(PackedCopy):
     place."""
 
     def __init__(self, model: Transformer):
-        super().__init__(model, PackedTransformer)
+        super().__init__(model, PackedTransformer, self.supports)
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -261,7 +261,8 @@ class PackedDecoder(PackedCopy):
 
     def __call__(self, tokens: torch.Tensor, memory, src_mask, cache) -> torch.Tensor:
         """tokens (B,) at the position after the cached ones → float32 logits (B, vocab)."""
-        if self.model.training or not self.supports(self.model):  # dropout would apply; or moved to a GPU
+        packed = None if self.model.training else self.current()
+        if packed is None:  # dropout would apply; or moved to a GPU
             hidden = self.model.decode(tokens[:, None], memory, src_mask, cache)[:, -1]
             return self.model.logits(hidden).float()
-        return self.current().step(tokens, memory, src_mask, cache)
+        return packed.step(tokens, memory, src_mask, cache)
