@@ -10,8 +10,8 @@ experts') where the MoE has its experts; it differs only by the router (E·d_mod
 block). `llama train` has no flag for the SwiGLU width, so this calls the function it runs.
 
 balance draws, for runs that differ in --balance, the busiest expert's load over the mean
-(moe{i}_max_mean in metrics.csv, averaged over the sparse blocks; 1 = balanced, E = every token
-on one expert) against the step, and the final validation loss of each; vs-dense draws the
+(moe{i}_max_mean in metrics.csv, averaged over the sparse blocks; 1 = balanced, E/k = every token
+on one expert, since a token's k choices are different experts) against the step, and the final validation loss of each; vs-dense draws the
 validation loss of the MoE and its twin against training FLOPs (FLOPs per token × tokens seen)
 and against training time (the sum of each step's tokens / tokens_per_sec in metrics.csv, which
 leaves out checkpoint writing). Each writes a JSON summary beside its figure.
@@ -105,9 +105,11 @@ def plot_balance(runs: list[Path], out: Path) -> dict:
                              "max_mean_load_last_50_steps": float(np.mean(imbalance[-50:])),
                              "max_mean_load_first_50_steps": float(np.mean(imbalance[:50])),
                              "n_experts": config["n_experts"], "top_k": config["top_k"]}
-    n_experts = summary[runs[0].name]["n_experts"]
+    # A token takes top_k different experts, so one expert holds at most 1/top_k of the slots.
+    collapsed = summary[runs[0].name]["n_experts"] / summary[runs[0].name]["top_k"]
     ax_load.axhline(1, color="grey", lw=0.6, ls="--")
-    ax_load.set(title=f"busiest expert's load / mean load (mean over sparse blocks; 1 = balanced, {n_experts} = collapsed)",
+    ax_load.set(title=f"busiest expert's load / mean load (mean over sparse blocks; 1 = balanced, "
+                      f"{collapsed:g} = every token on it)",
                 xlabel="step", ylabel="max / mean load")
     ax_load.title.set_fontsize(9)
     ax_load.legend(fontsize=8)
