@@ -156,3 +156,25 @@ def test_cpu_bfloat16_training_takes_the_written_out_attention_and_rounds_no_wor
     loss, grad = loss_and_gradient(accelerate(_model(norm_first=True)), bfloat16=True)
     assert abs(loss - expected_loss) <= max(abs(plain_loss - expected_loss), 2**-8 * expected_loss)  # bf16's ε
     assert (grad - expected_grad).norm() <= 1.25 * (plain_grad - expected_grad).norm()
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])  # far from zero: the two-pass variance stays exact
+@pytest.mark.parametrize("grad", [False, True])
+def test_fast_layer_norm_equals_torchs_layer_norm(offset, grad):
+    """FastLayerNorm (two-pass statistics, written-out backward) against torch.nn.LayerNorm with
+    the same weights: outputs, and the gradients of the input, γ and β."""
+    torch.manual_seed(0)
+    ours, reference = fast.FastLayerNorm(48, eps=1e-5), torch.nn.LayerNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    reference.load_state_dict(ours.state_dict())
+    x = (torch.randn(4, 7, 48) * 3 + offset).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y, expected = ours(x), reference(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    if grad:
+        upstream = torch.randn_like(y)
+        ours_grads = torch.autograd.grad(y, (x, ours.weight, ours.bias), upstream)
+        reference_grads = torch.autograd.grad(expected, (x, reference.weight, reference.bias), upstream)
+        for a, b in zip(ours_grads, reference_grads):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

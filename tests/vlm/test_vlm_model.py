@@ -260,4 +260,7 @@ def test_fast_path_computes_what_the_plain_model_computes(model, tokenizer):
         losses.append(total)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=name)
+        # gradients reach ~10⁴ here (a summed loss of ~5·10³), where one float32 ulp is ~10⁻³:
+        # a tolerance relative to each tensor's scale, not a fixed 10⁻⁴
+        scale = a.grad.abs().max().item()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 + 1e-5 * scale, msg=name)

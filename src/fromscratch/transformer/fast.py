@@ -97,6 +97,15 @@ class FusedMultiHeadAttention(MultiHeadAttention):
         return F.linear(x, weight, bias)
 
 
+def centered_and_rstd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x − μ and r = 1/√(σ² + ε) over the last dimension, in two passes (the mean, then the mean
+    square of the centred values). `torch.var_mean` computes the same in one Welford pass, but
+    on PyTorch's CPU build that reduction over the last dimension is an order of magnitude slower
+    (6 ms against 0.5 ms for 800 × 768 on 2 cores; bench/bench_vlm.py's CLIP profile)."""
+    centered = x - x.mean(dim=-1, keepdim=True)
+    return centered, torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
+
+
 class _LayerNorm(torch.autograd.Function):
     """y = x̂·γ + β with x̂ = (x − μ)·r, r = 1/√(σ² + ε), over the last dimension (d values).
 
@@ -106,9 +115,8 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        x_hat = (x - mean).mul_(rstd)
+        centered, rstd = centered_and_rstd(x, eps)
+        x_hat = centered.mul_(rstd)
         ctx.save_for_backward(x_hat, rstd, weight)
         return torch.addcmul(bias, x_hat, weight)
 
@@ -125,13 +133,14 @@ class _LayerNorm(torch.autograd.Function):
 
 
 class FastLayerNorm(LayerNorm):
-    """`LayerNorm` with the written-out backward of `_LayerNorm` (and a three-kernel forward)."""
+    """`LayerNorm` with the written-out backward of `_LayerNorm`, and a forward in a few fast
+    kernels (`centered_and_rstd`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _LayerNorm.apply(x, self.weight, self.bias, self.eps)
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-        return torch.addcmul(self.bias, (x - mean).mul_(torch.rsqrt(var + self.eps)), self.weight)
+        centered, rstd = centered_and_rstd(x, self.eps)
+        return torch.addcmul(self.bias, centered.mul_(rstd), self.weight)
 
 
 def fused_next_token_loss(hidden, output_projection, logits_bias, targets, ignore_index, label_smoothing,
