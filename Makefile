@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_transformer.py
 	$(PY) bench/bench_llama.py
 	$(PY) bench/bench_moe.py
+	$(PY) bench/bench_vlm.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
