@@ -10,8 +10,9 @@ on the CPU and the GPU:
   - torch.compile on the GPU against eager (max |Δ logits|);
   - one training step (forward + backward through each model's own loss) under bfloat16 autocast:
     the loss is finite and every parameter gets a finite gradient;
-  - which scaled-dot-product-attention kernel PyTorch picks for the models' attention shape.
-Without a CUDA device it says so and exits 1. Prints one line per check and writes the JSON.
+  - which fused scaled-dot-product-attention kernels (flash, memory-efficient, cuDNN) run for a
+    causal bfloat16 attention.
+Without a CUDA device it says so and exits 1. Prints one line per model and writes the JSON.
 """
 
 import argparse
@@ -47,7 +48,7 @@ def models(generator: torch.Generator):
            lambda m, p, t: torch.nn.functional.cross_entropy(m(p, t).logits[:, :-1].flatten(0, 1), t[:, 1:].flatten()))
 
 
-def check(name, model, inputs, logits_of, loss_of) -> dict:
+def check(model, inputs, logits_of, loss_of) -> dict:
     model.eval()
     with torch.no_grad():
         reference = logits_of(model, *inputs).float()
@@ -103,7 +104,7 @@ def main():
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "models": {}}
     for name, model, inputs, logits_of, loss_of in models(torch.Generator().manual_seed(0)):
-        results["models"][name] = row = check(name, model, inputs, logits_of, loss_of)
+        results["models"][name] = row = check(model, inputs, logits_of, loss_of)
         print(name, json.dumps(row), flush=True)
     results["sdpa"] = sdpa_kernels()
     print("sdpa", json.dumps(results["sdpa"]), flush=True)

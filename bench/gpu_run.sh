@@ -6,8 +6,9 @@
 #   - bench/translate_enid_gpu.sh: the GPU recipe of `translate train` for MINUTES minutes, then the
 #     greedy and beam-4 scores on opus100-dev.
 # The VLM and MoE jobs and the checks run beside the translation run (one GPU, 16 CPU cores).
-# Results (logs, JSON, each VLM run's best weights; no optimizer states) are packed into OUT as
-# results.tgz and vlm-NAME.tgz, to be unpacked into bench/results/gpu/.
+# Results are packed into OUT: results.tgz (every log and JSON, no weights) and vlm_NAME.tgz (each
+# VLM run's best model weights, to evaluate again elsewhere). bench/results/gpu/ holds what was
+# kept of them (no weights).
 #
 #     OUT=/tmp/gpu PY=python3 FROMSCRATCH_DATA=.devdata bench/gpu_run.sh      # on the GPU machine
 #     QUICK=1 VLM_DEVICE=cpu OUT=/tmp/gpu WORK=/tmp/gpu-work bench/gpu_run.sh  # a smoke test of the VLM part and the packing

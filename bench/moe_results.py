@@ -11,7 +11,8 @@ block). `llama train` has no flag for the SwiGLU width, so this calls the functi
 
 balance draws, for runs that differ in --balance, the busiest expert's load over the mean
 (moe{i}_max_mean in metrics.csv, averaged over the sparse blocks; 1 = balanced, E/k = every token
-on one expert, since a token's k choices are different experts) against the step, and the final validation loss of each; vs-dense draws the
+on one expert, since a token's k choices are different experts) against the step, and the final
+validation loss of each; vs-dense draws the
 validation loss of the MoE and its twin against training FLOPs (FLOPs per token × tokens seen)
 and against training time (the sum of each step's tokens / tokens_per_sec in metrics.csv, which
 leaves out checkpoint writing). Each writes a JSON summary beside its figure.

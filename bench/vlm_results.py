@@ -73,7 +73,8 @@ def experiment(name: str, quick: bool, env: dict, results: Path = RESULTS, devic
     if (run_dir / "checkpoints.json").exists():
         train.append("--resume")  # a run cut short: continue it (a finished one returns at once)
     load = os.getloadavg()[0]
-    record = {"experiment": name, "device": device, "load_average_before": load, "train": run(train, out / "train.log", env)}
+    record = {"experiment": name, "device": device, "load_average_before": load,
+              "train": run(train, out / "train.log", env)}
     record["eval"] = run(evaluate, out / "eval.txt", env)
     record["load_average_after"] = os.getloadavg()[0]
     record["last_line"] = (out / "eval.txt").read_text().strip().splitlines()[-1]

@@ -81,12 +81,12 @@ class PackedCopy:
 
     def __init__(self, model: torch.nn.Module, pack, supports=lambda model: True):
         self.model, self.pack, self.supports = model, pack, supports
-        self.packed, self.key, self.made = None, None, False
+        self.packed, self.key = None, ()  # () is no model's key: the first call makes the copy
 
     def current(self):
         key = weights_key(self.model)
-        if not self.made or key is None or key != self.key:
+        if key is None or key != self.key:
             self.packed = None  # free the stale copy before making anew
             self.packed = self.pack(self.model) if self.supports(self.model) else None
-            self.key, self.made = key, True
+            self.key = key
         return self.packed
