@@ -105,7 +105,18 @@ def test_packed_weights_follow_the_models_weights():
     model.load_state_dict(_model(CONFIGS["gqa"]).state_dict())
     assert torch.equal(model.generate(prompt, 12, temperature=0),
                        model.generate(prompt, 12, temperature=0, use_cache=False))
-    assert decoder.packed is not second
+    third = decoder.packed
+    assert third is not second
+    w2 = model.layers[0].feed_forward.w2
+    w2.weight = torch.nn.Parameter(-w2.weight.detach())  # a new Parameter object
+    assert torch.equal(model.generate(prompt, 12, temperature=0),
+                       model.generate(prompt, 12, temperature=0, use_cache=False))
+    fourth = decoder.packed
+    assert fourth is not third
+    w2.weight.data = 2 * w2.weight.detach()  # the same Parameter on new storage
+    assert torch.equal(model.generate(prompt, 12, temperature=0),
+                       model.generate(prompt, 12, temperature=0, use_cache=False))
+    assert decoder.packed is not fourth
 
 
 def test_a_model_made_in_inference_mode_is_packed_afresh_each_time():

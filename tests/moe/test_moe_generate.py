@@ -56,6 +56,18 @@ def test_packed_step_logits_equal_the_full_forward(name, batch):
             torch.testing.assert_close(steps, model(input_ids)[:, 6:], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", STEP_CONFIGS)
+def test_the_steps_router_chooses_and_weighs_as_the_layers(name):
+    """`PackedMoEFeedForward.route` (Mixtral's router in three operations where it applies)."""
+    layer = random_model(STEP_CONFIGS[name]).moe_layers()[0]
+    x = torch.randn(64, layer.router.weight.size(1))
+    with torch.no_grad():
+        chosen, gates = PackedMoEFeedForward(layer).route(x)
+        _, _, expected_chosen, expected_gates = layer.router(x)
+    assert torch.equal(chosen, expected_chosen)
+    torch.testing.assert_close(gates, expected_gates, atol=1e-6, rtol=1e-6)
+
+
 def test_capacity_in_the_step_drops_slots_as_forward_does():
     model = random_model(STEP_CONFIGS["capacity"])
     layer = model.moe_layers()[0]

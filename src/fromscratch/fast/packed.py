@@ -9,6 +9,7 @@ decoding step (`fromscratch.llama.fast`, `fromscratch.transformer.fast`).
 """
 
 import torch
+import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
@@ -49,6 +50,10 @@ def n_column_blocks(d_out: int) -> int:
 # PyTorch's fused and foreach optimizers write the parameters without bumping their version
 # counters, so every optimizer step in the process counts as a write to every model.
 _optimizer_steps = 0
+# Assigning a parameter or a submodule anywhere in the process (`block.weight = Parameter(...)`,
+# `model.layers[0] = other`) runs PyTorch's global registration hooks: counted here, so that a
+# model's parameter list is walked again only after something may have changed it.
+_registrations = 0
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
@@ -56,35 +61,46 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps += 1
 
 
+def _count_registration(module, name, value) -> None:
+    global _registrations
+    _registrations += 1
+
+
 register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def weights_key(model: torch.nn.Module) -> tuple | None:
-    """Changes whenever a parameter of `model` is replaced (its storage) or written in place (its
-    version counter: load_state_dict, in-place ops), and after any optimizer step (a fused AdamW
-    step leaves the version counters alone). None when that cannot be told: tensors made under
-    torch.inference_mode() keep no version counter."""
-    key = [_optimizer_steps]
-    for p in model.parameters():
-        if p.is_inference():
-            return None
-        key.append((p.data_ptr(), p._version))
-    return tuple(key)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 class PackedCopy:
     """A packed copy of `model`'s weights, `pack(model)`, made on first use and made again
-    whenever the weights change (`weights_key`), so that it never serves stale weights; None
-    while `supports(model)` says the packed step does not apply. That check walks the whole model,
-    so it runs only when the weights change: moving the model to a GPU, converting its dtype or
-    swapping a block for another all replace parameters."""
+    whenever the weights change, so that it never serves stale weights; None while
+    `supports(model)` says the packed step does not apply. That check walks the whole model, so
+    it runs only when the weights change: moving the model to a GPU, converting its dtype or
+    swapping a block for another all replace parameters.
 
-    def __init__(self, model: torch.nn.Module, pack, supports=lambda model: True):
+    The weights change when a parameter is replaced (a registration, above), its storage is
+    replaced (`p.data = ...`, `model.to(...)`: its data_ptr) or written in place (its version
+    counter: load_state_dict, in-place ops), and after any optimizer step (a fused AdamW step
+    leaves the version counters alone). Checked before every decoding step: walking the modules
+    for the parameter list each time cost ~0.5 ms a token (a sixth of a `mixtral-tiny` step), so
+    the list is kept until a registration happens somewhere."""
+
+    def __init__(self, model: nn.Module, pack, supports=lambda model: True):
         self.model, self.pack, self.supports = model, pack, supports
         self.packed, self.key = None, ()  # () is no model's key: the first call makes the copy
+        self.parameters, self.registrations = [], -1
+
+    def weights_key(self) -> tuple | None:
+        """A value that changes whenever the weights may have (above); None when that cannot be
+        told: tensors made under torch.inference_mode() keep no version counter."""
+        if self.registrations != _registrations:
+            self.parameters, self.registrations = list(self.model.parameters()), _registrations
+        if any(p.is_inference() for p in self.parameters):
+            return None
+        return _optimizer_steps, _registrations, *[(p.data_ptr(), p._version) for p in self.parameters]
 
     def current(self):
-        key = weights_key(self.model)
+        key = self.weights_key()
         if key is None or key != self.key:
             self.packed = None  # free the stale copy before making anew
             self.packed = self.pack(self.model) if self.supports(self.model) else None

@@ -12,8 +12,8 @@ large as the product that follows. Here each expert's w1|w3 and w2 are packed on
 column-block layout, and a step multiplies each expert that some row chose, on those rows, in
 place: the same arithmetic, reading the weights once. Routing (float32, top-k, capacity in the
 GShard order) and the combine (a buffer of one row per slot, summed over the k slots in order)
-are the layer's own functions, so `tests/moe/test_moe_generate.py` checks the step against
-`MoELlama.forward`. At batch 1 (`one_row`) there is nothing to sort: the row's k experts are
+are the layer's own functions, except that Mixtral's router is taken in three operations
+(`route`); `tests/moe/test_moe_generate.py` checks the step against `MoELlama.forward`. At batch 1 (`one_row`) there is nothing to sort: the row's k experts are
 multiplied in turn and their gated outputs summed, a few operations per expert instead of the
 sort, count and scatter. Routing statistics (`router_stats`) are only recorded by forward.
 """
@@ -34,11 +34,24 @@ class PackedMoEFeedForward:
         self.w13 = [packed(torch.cat([w1, w3])) for w1, w3 in zip(experts.w1, experts.w3)]  # gate|up, per expert
         self.w2 = [packed(w2) for w2 in experts.w2]
         self.shared = None if layer.shared_experts is None else PackedSwiGLU(layer.shared_experts)
+        router = layer.router
+        mixtral_router = router.scoring == "softmax" and router.norm_topk and router.expert_bias is None
+        self.router_weight = router.weight.detach().float().t().contiguous() if mixtral_router else None  # (d_model, E)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k experts and their gates, (B, k) each, as `Router.forward` chooses them.
+        Mixtral's router (softmax scores, the k gates renormalised, no bias) in three operations:
+        softmax is monotonic, so the top k of the logits are the top k of the probabilities, and
+        the k probabilities renormalised are the softmax of the k logits alone."""
+        if self.router_weight is None:
+            return self.layer.router(x)[2:]
+        top = torch.mm(x.float(), self.router_weight).topk(self.layer.top_k, dim=-1)
+        return top.indices, torch.softmax(top.values, dim=-1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         n_rows, k = x.size(0), layer.top_k
-        _, _, chosen, gates = layer.router(x)  # (B, k) each
+        chosen, gates = self.route(x)  # (B, k) each
         capacity = layer.capacity(n_rows)
         if n_rows == 1 and (capacity is None or capacity >= 1):
             return self.one_row(x, chosen[0].tolist(), gates[0])
