@@ -38,9 +38,14 @@ def scaled_dot_product_attention(
     t_q, t_k = query.size(-2), key.size(-2)
     if use_sdpa and mask is None and (not is_causal or t_q == t_k or t_q == 1):
         # No explicit mask needed: lets PyTorch pick its flash / memory-efficient kernels.
-        return F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout_p, is_causal=is_causal and t_q == t_k
-        )
+        # Decided by an `if`: under torch.compile with dynamic shapes, t_q == t_k is a symbolic
+        # boolean that the kernel's is_causal refuses (bool() keeps it symbolic); the graph broke
+        # here in every layer, which then ran eagerly and recompiled for each batch shape. An `if`
+        # makes the compiler settle it (a guard) and pass a plain bool.
+        causal_kernel = False
+        if is_causal and t_q == t_k:  # else one query (cached decoding), which sees every key
+            causal_kernel = True
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=causal_kernel)
     if is_causal:
         causal = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
         mask = causal if mask is None else mask & causal

@@ -40,6 +40,7 @@ from fromscratch.transformer.model import (
     LayerNorm,
     MultiHeadAttention,
     Transformer,
+    next_token_loss,
 )
 
 PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through Transformer.decode instead
@@ -146,7 +147,15 @@ class FastLayerNorm(LayerNorm):
 def fused_next_token_loss(hidden, output_projection, logits_bias, targets, ignore_index, label_smoothing,
                           reduction="sum"):
     """`model.next_token_loss` computed by `linear_cross_entropy`: same arguments, same value and
-    gradients, without the (B, T, vocab) logits."""
+    gradients, without the (B, T, vocab) logits.
+
+    Under torch.compile it is model.py's own loss: `linear_cross_entropy` walks the rows in chunks
+    with a Python loop, whose number of turns the compiler bakes into the graph, so every new
+    number of target positions (token-bucket batches bring one at almost every step) compiled the
+    model anew; and the compiler fuses the plain loss's softmax itself."""
+    if torch.compiler.is_compiling():
+        return next_token_loss(hidden, output_projection, logits_bias, targets, ignore_index, label_smoothing,
+                               reduction)
     return linear_cross_entropy(hidden.flatten(0, 1), output_projection.weight, targets.flatten(),
                                 ignore_index=ignore_index, reduction=reduction, bias=logits_bias,
                                 label_smoothing=label_smoothing)
