@@ -82,7 +82,7 @@ class PackedCopy:
     replaced (`p.data = ...`, `model.to(...)`: its data_ptr) or written in place (its version
     counter: load_state_dict, in-place ops), and after any optimizer step (a fused AdamW step
     leaves the version counters alone). Checked before every decoding step: walking the modules
-    for the parameter list each time cost ~0.5 ms a token (a sixth of a `mixtral-tiny` step), so
+    for the parameter list each time cost ~0.5 ms a token (a tenth of a `mixtral-tiny` step), so
     the list is kept until a registration happens somewhere."""
 
     def __init__(self, model: nn.Module, pack, supports=lambda model: True):
