@@ -13,9 +13,9 @@ column-block layout, and a step multiplies each expert that some row chose, on t
 place: the same arithmetic, reading the weights once. Routing (float32, top-k, capacity in the
 GShard order) and the combine (a buffer of one row per slot, summed over the k slots in order)
 are the layer's own functions, except that Mixtral's router is taken in three operations
-(`route`); `tests/moe/test_moe_generate.py` checks the step against `MoELlama.forward`. At batch 1 (`one_row`) there is nothing to sort: the row's k experts are
-multiplied in turn and their gated outputs summed, a few operations per expert instead of the
-sort, count and scatter. Routing statistics (`router_stats`) are only recorded by forward.
+(`route`); `tests/moe/test_moe_generate.py` checks the step against `MoELlama.forward`. At
+batch 1 (`one_row`) there is nothing to sort: the row's k experts are multiplied in turn and
+their gated outputs summed, a few operations per expert instead of the sort, count and scatter. Routing statistics (`router_stats`) are only recorded by forward.
 """
 
 import torch
