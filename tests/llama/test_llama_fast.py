@@ -119,6 +119,18 @@ def test_packed_weights_follow_the_models_weights():
     assert decoder.packed is not fourth
 
 
+def test_the_weights_are_checked_once_a_search(monkeypatch):
+    """`generate` takes the packed step once for its whole search (`for_one_search`)."""
+    model = accelerate(_model(CONFIGS["gqa"]))
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    expected = model.generate(prompt, 12, temperature=0, use_cache=False)
+    checks = []
+    real_key = PackedDecoder.weights_key
+    monkeypatch.setattr(PackedDecoder, "weights_key", lambda self: checks.append(1) or real_key(self))
+    assert torch.equal(model.generate(prompt, 12, temperature=0), expected)
+    assert len(checks) == 1
+
+
 def test_a_model_made_in_inference_mode_is_packed_afresh_each_time():
     with torch.inference_mode():  # its parameters keep no version counter
         model = accelerate(_model(CONFIGS["gqa"]))

@@ -72,6 +72,23 @@ def test_packed_weights_follow_the_models_weights():
     assert model.decode_step.packed is not first
 
 
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_the_weights_are_checked_once_a_search(beam_size, monkeypatch):
+    """A search takes the packed step once (`for_one_search`): nothing can change the weights
+    while it runs, and checking them before every token cost ~0.15 ms of a ~6 ms step."""
+    model = accelerate(_model())
+    src = _sources()
+    expected = model.generate(src, max_new_tokens=10, beam_size=beam_size, use_cache=False)
+    checks = []
+    real_key = fast.PackedDecoder.weights_key
+    monkeypatch.setattr(fast.PackedDecoder, "weights_key", lambda self: checks.append(1) or real_key(self))
+    assert torch.equal(model.generate(src, max_new_tokens=10, beam_size=beam_size), expected)
+    assert len(checks) == 1
+    src[1, 6:] = 5  # no padding: no source mask is built, the same tokens come out
+    assert torch.equal(model.generate(src, max_new_tokens=10, beam_size=beam_size),
+                       model.generate(src, max_new_tokens=10, beam_size=beam_size, use_cache=False))
+
+
 def test_packed_weights_follow_a_fused_optimizer_step():
     """PyTorch's fused AdamW writes the weights without bumping their version counters (the
     engine's optimizer): the packed copy must still be made anew, or evaluation during training

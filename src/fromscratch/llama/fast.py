@@ -159,9 +159,9 @@ class PackedDecoder(PackedCopy):
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         return known and weight.device.type == "cpu" and size <= PACK_MAX_BYTES
 
-    def __call__(self, tokens: torch.Tensor, cache, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def run_step(self, packed: PackedLlama | None, tokens: torch.Tensor, cache,
+                 pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B,) at the position after the cached ones → logits (B, vocab_size)."""
-        packed = self.current()
         if packed is None:  # moved to a GPU since `accelerate`, say
             return self.model(tokens[:, None], cache=cache, pad_lengths=pad_lengths)[:, -1]
         return packed.step(tokens, cache, pad_lengths)

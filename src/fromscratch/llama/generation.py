@@ -27,6 +27,8 @@ class LlamaNextToken:
     def __init__(self, model, batch_size: int, max_len: int, pad_lengths: torch.Tensor | None, use_cache: bool):
         self.model, self.pad_lengths = model, pad_lengths
         self.cache = model.new_cache(batch_size, max_len) if use_cache else None
+        # The packed one-token step (fast.py), its weights checked once for the whole search.
+        self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step else None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, t), every token so far → float32 logits (B, vocab_size) of token t + 1."""
@@ -34,8 +36,8 @@ class LlamaNextToken:
         if cache is None:
             return model(tokens, pad_lengths=self.pad_lengths)[:, -1]
         new = tokens[:, cache.length:]
-        if model.decode_step is not None and cache.length > 0 and new.size(1) == 1:
-            return model.decode_step(new[:, 0], cache, self.pad_lengths)
+        if self.decode_step is not None and cache.length > 0 and new.size(1) == 1:
+            return self.decode_step(new[:, 0], cache, self.pad_lengths)
         return model(new, cache=cache, pad_lengths=self.pad_lengths)[:, -1]
 
     def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:

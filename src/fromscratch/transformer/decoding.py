@@ -34,10 +34,15 @@ class TranslationNextToken:
     The tokens never generated (`never`: pad, start) get −∞ logits, unless `ban` is False and
     the search bans them itself."""
 
-    def __init__(self, model, memory: torch.Tensor, src_mask: torch.Tensor, use_cache: bool,
+    def __init__(self, model, memory: torch.Tensor, src_mask: torch.Tensor | None, use_cache: bool,
                  max_len: int | None = None, ban: bool = True):
+        # Sources without padding need no mask: the cross-attention then builds none at every step.
+        if src_mask is not None and bool(src_mask.all()):
+            src_mask = None
         self.model, self.memory, self.src_mask = model, memory, src_mask
         self.cache = model.new_cache(max_len) if use_cache else None
+        # The packed one-token step (fast.py), its weights checked once for the whole search.
+        self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step else None
         config = model.config
         self.never = torch.tensor(sorted({config.pad_id, config.start_id}), device=memory.device)
         self.ban = ban
@@ -45,8 +50,8 @@ class TranslationNextToken:
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         """prefix (N, t), starting with the start token → float32 logits (N, vocab_size) of token t + 1."""
         new = prefix if self.cache is None else prefix[:, self.cache.length :]
-        if self.model.decode_step is not None and self.cache is not None and new.size(1) == 1:
-            logits = self.model.decode_step(new[:, 0], self.memory, self.src_mask, self.cache)  # fast.py
+        if self.decode_step is not None and new.size(1) == 1:
+            logits = self.decode_step(new[:, 0], self.memory, self.src_mask, self.cache)  # fast.py
         else:
             hidden = self.model.decode(new, self.memory, self.src_mask, self.cache)  # (N, T_new, d_model)
             logits = self.model.logits(hidden[:, -1]).float()
@@ -56,7 +61,9 @@ class TranslationNextToken:
         """Keep rows `rows`: beam search moves each beam's state along with it. The encoder
         output (and its projected keys and values) is the same for every beam of a source."""
         if not within_prompts:
-            self.memory, self.src_mask = self.memory.index_select(0, rows), self.src_mask.index_select(0, rows)
+            self.memory = self.memory.index_select(0, rows)
+            if self.src_mask is not None:
+                self.src_mask = self.src_mask.index_select(0, rows)
         if self.cache is not None:
             self.cache.reorder(rows, within_prompts)
 
