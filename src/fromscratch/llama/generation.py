@@ -28,7 +28,7 @@ class LlamaNextToken:
         self.model, self.pad_lengths = model, pad_lengths
         self.cache = model.new_cache(batch_size, max_len) if use_cache else None
         # The packed one-token step (fast.py), its weights checked once for the whole search.
-        self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step else None
+        self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step is not None else None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, t), every token so far → float32 logits (B, vocab_size) of token t + 1."""

@@ -42,7 +42,7 @@ class TranslationNextToken:
         self.model, self.memory, self.src_mask = model, memory, src_mask
         self.cache = model.new_cache(max_len) if use_cache else None
         # The packed one-token step (fast.py), its weights checked once for the whole search.
-        self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step else None
+        self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step is not None else None
         config = model.config
         self.never = torch.tensor(sorted({config.pad_id, config.start_id}), device=memory.device)
         self.ban = ban
