@@ -232,3 +232,58 @@ def test_a_run_that_ends_on_the_clock_is_evaluated_at_its_last_step(tmp_path):
                                        max_minutes=0.02)).fit()
     evals = read_csv(tmp_path / "run" / "eval.csv")
     assert 0 < result["step"] < 10_000 and evals[-1]["step"] == result["step"]
+
+
+def test_cooldown_falls_linearly_over_the_last_share_of_the_steps(tmp_path):
+    """--cooldown 0.2 of 50 steps: the schedule's rate until step 40, then scaled down linearly to
+    1/11 of it at step 50 (Hägele et al. 2024's warm-up–stable–decay, on any schedule)."""
+    from fromscratch.engine.schedules import cooldown_window
+
+    cfg = config(tmp_path / "run", max_steps=50, schedule="constant", warmup_steps=0, lr=0.01, cooldown=0.2)
+    assert cooldown_window(cfg) == (40, 10)
+    Trainer(ToyTask(), cfg).fit()
+    lrs = [row["lr"] for row in read_csv(tmp_path / "run" / "metrics.csv")]
+    assert lrs[:40] == [0.01] * 40
+    assert lrs[40:] == pytest.approx([0.01 * (1 - k / 11) for k in range(1, 11)])
+    with pytest.raises(UserError, match="--cooldown must be a share of the run in"):
+        TrainConfig(cooldown=1.0)
+
+
+class FakeClock:
+    """time.perf_counter for the trainer: half a second further at every call."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 0.5
+        return self.now
+
+
+def test_cooldown_on_the_clock_is_decided_once_and_survives_a_resume(tmp_path, monkeypatch):
+    """With --max-minutes 1 and --cooldown 0.25, the rate starts falling at the first step past
+    45 s, for as many steps as the last 15 s hold at the rate so far, and the run ends at the last
+    of them. The window is kept in the checkpoint: a run stopped inside it resumes bit for bit."""
+    from fromscratch.engine import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", FakeClock())
+    settings = dict(max_steps=10_000, schedule="constant", warmup_steps=0, lr=0.01, cooldown=0.25, max_minutes=1,
+                    eval_every=10_000, save_every=10_000)
+    straight = Trainer(ToyTask(), config(tmp_path / "straight", **settings)).fit()
+    lrs = [row["lr"] for row in read_csv(tmp_path / "straight" / "metrics.csv")]
+    start = lrs.index(next(lr for lr in lrs if lr < 0.01))  # steps at the full rate
+    steps = straight["step"] - start
+    assert 0.2 * start <= steps <= 0.5 * start  # ~15 s after ~45 s at the same pace
+    assert lrs[start:] == pytest.approx([0.01 * (1 - k / (steps + 1)) for k in range(1, steps + 1)])
+    state = json.loads((checkpoint_dir(tmp_path / "straight", "latest") / "trainer_state.json").read_text())
+    assert state["cooldown"] == [start, steps]
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", FakeClock())
+    with pytest.raises(Interrupted):
+        Trainer(SignalledTask(signal_step=start + 2), config(tmp_path / "broken", **settings)).fit()
+    torch.manual_seed(999)
+    Trainer(ToyTask(seed=0), config(tmp_path / "broken", resume=True, **settings)).fit()
+    losses = lambda run: [r["loss"] for r in read_csv(tmp_path / run / "metrics.csv")]  # noqa: E731
+    assert losses("broken") == losses("straight")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -23,6 +23,7 @@ class TrainConfig:
     min_lr: float = 0.0  # the floor of the cosine schedule
     warmup_steps: int = 100
     schedule: str = "cosine"
+    cooldown: float = 0.0  # share of the run at its end over which the rate falls linearly to ~0
     noam_d_model: int = 512  # d_model in the paper's schedule (§5.3)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -67,6 +68,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise UserError(f"--{flag(name)} must be a number ≥ 0, got {value}")
+        if not (math.isfinite(self.cooldown) and 0 <= self.cooldown < 1):
+            raise UserError(f"--cooldown must be a share of the run in [0, 1), got {self.cooldown}")
         for name in ("max_minutes", "peak_flops"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -121,6 +124,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig |
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--cooldown", type=float, default=d.cooldown, metavar="SHARE",
+                   help="let the learning rate fall linearly to ~0 over this last share of the run (of "
+                        "--max-steps, or of --max-minutes: then decided on the clock); 0 = off")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--clip-grad", type=float, default=d.clip_grad)
     g.add_argument("--eval-every", type=int, default=d.eval_every)

@@ -51,7 +51,7 @@ from fromscratch.engine import checkpoint as ckpt
 from fromscratch.engine.config import TrainConfig
 from fromscratch.engine.distributed import all_reduce_sum, barrier, init_distributed, shutdown
 from fromscratch.engine.metrics import CSVLog, TensorBoard, device_peak_flops
-from fromscratch.engine.schedules import learning_rate
+from fromscratch.engine.schedules import clock_cooldown_window, cooldown_window, learning_rate
 from fromscratch.errors import Interrupted, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,6 +120,7 @@ class Trainer:
         self._check_run_dir()
         self._stop_signal: int | None = None
         self._last_plot = -math.inf
+        self._cooldown = cooldown_window(config)  # (start step, steps), or None (none, or not yet decided)
 
     # --- run directory ---------------------------------------------------------------------
 
@@ -220,6 +221,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "optimizer": optim_rest,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "cooldown": list(self._cooldown) if self._cooldown else None,
             }
             ckpt.seal_checkpoint(
                 self.run_dir, step, tmp, model_state, optim_tensors, trainer_state, is_best, self.config.keep_last
@@ -253,6 +255,8 @@ class Trainer:
         elif self.dist.is_main:
             print(f"note: {directory} has no RNG state for rank {self.dist.rank} (different process count); "
                   "the resumed run is valid but not bit-identical", file=sys.stderr)
+        if state.get("cooldown"):  # decided on the clock before the interruption: keep it
+            self._cooldown = tuple(state["cooldown"])
         return state["step"], state["tokens_seen"], state.get("best")
 
     def _plot(self) -> None:
@@ -270,6 +274,18 @@ class Trainer:
         if self._stop_signal is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self._stop_signal = signum
+
+    def _clock_cooldown(self, step: int, steps_run: int, elapsed: float) -> tuple[int, int] | None:
+        """The cooldown window once its share of --max-minutes is left (`clock_cooldown_window`);
+        every process takes the main one's, so that all change the rate at the same step."""
+        window = clock_cooldown_window(step, steps_run, elapsed, self.config)
+        if not self.dist.enabled:
+            return window
+        shared = torch.tensor(window or (0, 0), dtype=torch.float64, device=self.device)
+        if not self.dist.is_main:
+            shared.zero_()
+        start, steps = (int(v) for v in all_reduce_sum(shared, self.dist).tolist())
+        return (start, steps) if steps else None
 
     def _evaluate(self, model, step: int) -> dict[str, float]:
         # Evaluation must not move the training RNG streams, or resumed runs would diverge.
@@ -321,7 +337,7 @@ class Trainer:
         try:
             timer = started = time.perf_counter()
             for step in range(step0 + 1, cfg.max_steps + 1):
-                lr = learning_rate(step, cfg)
+                lr = learning_rate(step, cfg, self._cooldown)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro_batches = split_batch(self.task.global_batch(step), chunks)
@@ -382,7 +398,12 @@ class Trainer:
                     progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
                     progress.update(1)
 
-                out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+                elapsed = time.perf_counter() - started
+                out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
+                if cfg.max_minutes is not None and self._cooldown is None:
+                    self._cooldown = self._clock_cooldown(step, step - step0, elapsed)
+                # A cooldown on the clock ends the run at its last step, when its rate is lowest.
+                out_of_time |= cfg.max_minutes is not None and self._cooldown is not None and step >= sum(self._cooldown)
                 if info.enabled:  # every process must agree to stop at the same step
                     out_of_time = bool(all_reduce_sum(torch.tensor(float(out_of_time), device=self.device), info).item())
                 stopping = self._stop_signal is not None or out_of_time
