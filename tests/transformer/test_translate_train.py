@@ -3,6 +3,7 @@ and BLEU on detokenised text."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,9 +220,55 @@ def test_train_with_no_settings_takes_the_cpu_recipe_and_a_given_flag_wins(tmp_p
     run = json.loads((tmp_path / "recipe" / "run.json").read_text())
     expected = TransformerConfig.from_preset(cpu["model"]["preset"], norm_first=cpu["model"]["norm_first"])
     assert (run["model_config"]["d_model"], run["model_config"]["norm_first"]) == (expected.d_model, True)
+    assert run["model_config"]["dropout"] == cpu["model"]["dropout"] == 0.0
     assert {name: run["train_config"][name] for name in cpu["engine"]} == cpu["engine"]
     train("demo:train", "demo:test", tmp_path / "given", preset="tiny", lr=0.5, max_steps=1, bleu_samples=0,
           device="cpu")
     run = json.loads((tmp_path / "given" / "run.json").read_text())
     assert run["model_config"]["d_model"] == TransformerConfig.from_preset("tiny").d_model
     assert run["train_config"]["lr"] == 0.5 and run["train_config"]["warmup_steps"] == cpu["engine"]["warmup_steps"]
+
+
+def two_file_corpus():
+    """Twelve pairs from "short.en" (lines 1-4) and "long.en" (lines 1-8)."""
+    from fromscratch.transformer.data import ParallelCorpus
+
+    corpus = ParallelCorpus([], [])
+    for i in range(4):
+        corpus.add(f"I see {i} cats.", f"Saya melihat {i} kucing.", "short.en", i + 1)
+    for i in range(8):
+        corpus.add(f"We have {i} big red houses here.", f"Kami punya {i} rumah merah besar di sini.", "long.en", i + 1)
+    return corpus
+
+
+def test_repeat_puts_a_corpus_n_times_into_every_epoch(corpora, tokenizer):
+    """--repeat short=3: one epoch's batches hold each "short" pair three times and each "long"
+    pair once; the text and token ids are held once."""
+    _, valid = corpora
+    train = two_file_corpus()
+    task = make_task((train, valid), tokenizer, batch_tokens=40, repeats={"short": 3})
+    assert len(task.train_pairs) == 12 and len(task.epoch_pairs) == 4 * 3 + 8
+    epoch = task.schedule.epoch_batches(0)
+    seen = np.bincount(np.concatenate([task.epoch_pairs[batch] for batch in epoch]), minlength=12)
+    assert seen.tolist() == [3] * 4 + [1] * 8
+    # The step's batch is the pairs the schedule names (repeated pairs' own tokens).
+    batch, rows = task.global_batch(1), task.epoch_pairs[task.schedule(0)]
+    first = task.train_pairs.source(int(rows[0])).tolist() + [task.tokenizer.eos_id]
+    assert batch["src"][0, :len(first)].tolist() == first
+    assert task.fingerprint["repeats"] == {"short": 3}
+    plain = make_task((train, valid), tokenizer, batch_tokens=40)
+    assert plain.epoch_pairs.tolist() == list(range(12)) and "repeats" not in plain.fingerprint
+
+
+def test_repeat_counts_take_the_longest_matching_name_and_refuse_bad_names():
+    from fromscratch.transformer.data import parse_repeats, repeat_counts
+
+    origins = two_file_corpus().origins
+    assert repeat_counts(origins, {"short": 2}).tolist() == [2] * 4 + [1] * 8
+    assert repeat_counts(origins, {"s": 2, "sho": 5, "long": 3}).tolist() == [5] * 4 + [3] * 8
+    with pytest.raises(UserError, match=r"--repeat tatoeba: no training corpus file name starts with that"):
+        repeat_counts(origins, {"tatoeba": 2})
+    assert parse_repeats(["tatoeba=4", "iwslt17=2"]) == {"tatoeba": 4, "iwslt17": 2}
+    for bad in ("tatoeba", "tatoeba=0", "=3", "tatoeba=two", "tatoeba=-1"):
+        with pytest.raises(UserError, match="expected NAME=N"):
+            parse_repeats([bad])

@@ -17,7 +17,7 @@ from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
 from fromscratch.inputs import checked_text, stdin_lines
 from fromscratch.transformer.config import TransformerConfig
-from fromscratch.transformer.data import load_corpora
+from fromscratch.transformer.data import load_corpora, parse_repeats
 from fromscratch.transformer.training import RECIPES, paper_train_config, train
 from fromscratch.transformer.translation import evaluate_bleu, load_translator, translate
 
@@ -48,9 +48,12 @@ def register(subparsers) -> None:
                               "replaces --batch-size")
     train_p.add_argument("--max-tokens", type=int, default=256,
                          help="skip training pairs with a side longer than this many tokens (default: 256)")
-    train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    train_p.add_argument("--dropout", type=float, default=None, help="dropout (default: the recipe's: none on a CPU, the preset's on a GPU)")
     train_p.add_argument("--norm-first", action=argparse.BooleanOptionalAction, default=None,
                          help="pre-norm layers (Xiong et al. 2020); --no-norm-first: the paper's post-norm")
+    train_p.add_argument("--repeat", nargs="+", default=[], metavar="NAME=N",
+                         help="put the pairs of each training file whose name starts with NAME N times into "
+                              "every epoch (over-sampling a corpus; e.g. --repeat tatoeba=4 iwslt17=2)")
     train_p.add_argument("--bleu-samples", type=int, default=200,
                          help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
     add_train_arguments(train_p, paper_train_config())
@@ -95,7 +98,7 @@ def register(subparsers) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     result = train(args.train, args.valid, args.out, preset=args.preset, vocab_size=args.vocab_size,
                    batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, dropout=args.dropout,
-                   norm_first=args.norm_first, bleu_samples=args.bleu_samples,
+                   norm_first=args.norm_first, bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat),
                    command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
 

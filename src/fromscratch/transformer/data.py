@@ -113,6 +113,10 @@ class Origins(Sequence[str]):
         for i in range(len(other)):
             self.append(other.names[other._names[i]], other._lines[i])
 
+    def name_of_each(self) -> np.ndarray:
+        """For each pair, the index in `names` of the file it came from."""
+        return np.frombuffer(self._names, dtype=np.uint16) if len(self) else np.zeros(0, np.uint16)
+
     def select(self, indices: Sequence[int]) -> "Origins":
         out = Origins()
         for i in indices:
@@ -326,6 +330,33 @@ def load_corpora(specs: Sequence[str], max_chars: int | None = DEFAULT_MAX_CHARS
     if not len(corpus):
         raise UserError(f"no usable sentence pairs in {', '.join(map(str, specs))}")
     return corpus
+
+
+def parse_repeats(specs: Iterable[str]) -> dict[str, int]:
+    """["tatoeba=4", "iwslt17=2"] -> {"tatoeba": 4, "iwslt17": 2} (`--repeat NAME=N`)."""
+    repeats = {}
+    for spec in specs:
+        name, sep, count = str(spec).partition("=")
+        if not sep or not name or not count.strip().isdigit() or int(count) < 1:
+            raise UserError(f"--repeat {spec!r}: expected NAME=N, a corpus file name's start and a whole number ≥ 1")
+        repeats[name] = int(count)
+    return repeats
+
+
+def repeat_counts(origins: Origins, repeats: dict[str, int]) -> np.ndarray:
+    """How many times each pair enters an epoch: `repeats[NAME]` for a pair read from a file whose
+    name starts with NAME (the longest such NAME), once for the others. Over-sampling a corpus
+    this way repeats its indices in the batch plan, never its text or tokens."""
+    def count(file_name: str) -> int:
+        names = [name for name in repeats if Path(file_name).name.startswith(name)]
+        return repeats[max(names, key=len)] if names else 1
+
+    unmatched = [name for name in repeats if not any(Path(f).name.startswith(name) for f in origins.names)]
+    if unmatched:
+        raise UserError(f"--repeat {', '.join(unmatched)}: no training corpus file name starts with that "
+                        f"(files: {', '.join(sorted(origins.names))})")
+    per_file = np.array([count(name) for name in origins.names] or [1], dtype=np.int64)
+    return per_file[origins.name_of_each()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import time
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +43,7 @@ from fromscratch.transformer.data import (
     collate,
     filter_long_pairs,
     load_corpora,
+    repeat_counts,
     token_batches,
 )
 from fromscratch.transformer.fast import accelerate
@@ -88,6 +90,7 @@ class TranslationTask:
         max_tokens: int | None = None,
         bleu_samples: int = 200,
         eval_batch_tokens: int | None = None,
+        repeats: dict[str, int] | None = None,
     ):
         if model_config.vocab_size != tokenizer.vocab_size:
             raise UserError(f"model vocab_size {model_config.vocab_size} ≠ tokenizer's {tokenizer.vocab_size}")
@@ -101,12 +104,15 @@ class TranslationTask:
             torch.manual_seed(seed)
             self.model = accelerate(Transformer(model_config))  # the opt-in fast paths: fast.py
 
-        self.train_pairs, _ = self._encode(train, "training")
+        self.train_pairs, keep = self._encode(train, "training")
+        # An epoch's pairs: each kept pair once, or as many times as --repeat asks for its corpus.
+        self.epoch_pairs = np.repeat(np.arange(len(keep)), repeat_counts(train.origins, repeats)[keep]) \
+            if repeats else np.arange(len(keep))
         self.valid_pairs, keep = self._encode(valid, "validation")
         self.valid_src_text = [valid.src[i] for i in keep]
         self.valid_ref_text = [valid.tgt[i] for i in keep]
-        self.schedule = TokenBatchSchedule(self.train_pairs.src_lengths + 1, self.train_pairs.tgt_lengths + 1,
-                                           batch_tokens, seed)
+        self.schedule = TokenBatchSchedule(self.train_pairs.src_lengths[self.epoch_pairs] + 1,
+                                           self.train_pairs.tgt_lengths[self.epoch_pairs] + 1, batch_tokens, seed)
         self.valid_batches = sorted(
             token_batches(self.valid_pairs.src_lengths + 1, self.valid_pairs.tgt_lengths + 1,
                           eval_batch_tokens or batch_tokens, seed=0, epoch=0),
@@ -122,6 +128,8 @@ class TranslationTask:
             "max_tokens": self.max_tokens,
             "bleu_samples": self.bleu_samples,
         }
+        if repeats:  # only then, so that runs made before --repeat existed still resume
+            self.fingerprint["repeats"] = dict(sorted(repeats.items()))
 
     def _encode(self, corpus: ParallelCorpus, what: str) -> tuple[TokenizedPairs, list[int]]:
         """Token ids of the pairs that fit max_tokens, and their indices in `corpus`."""
@@ -135,7 +143,7 @@ class TranslationTask:
 
     def global_batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of (1-based) optimizer step `step`: src, tgt_in, tgt_out, each (B, ·)."""
-        return self._collate(self.train_pairs, self.schedule(step - 1))
+        return self._collate(self.train_pairs, self.epoch_pairs[self.schedule(step - 1)])
 
     def _collate(self, pairs: TokenizedPairs, rows) -> dict[str, torch.Tensor]:
         t = self.tokenizer
@@ -200,9 +208,9 @@ class TranslationTask:
         c = self.model_config
         n_enc = sum(p.numel() for p in self.model.encoder_layers.parameters())
         n_dec = sum(p.numel() for p in self.model.decoder_layers.parameters())
-        n_pairs = len(self.train_pairs)
-        src_tokens = int(self.train_pairs.src_lengths.sum()) + n_pairs  # + </s>
-        tgt_tokens = int(self.train_pairs.tgt_lengths.sum()) + n_pairs
+        n_pairs = len(self.epoch_pairs)
+        src_tokens = int(self.train_pairs.src_lengths[self.epoch_pairs].sum()) + n_pairs  # + </s>
+        tgt_tokens = int(self.train_pairs.tgt_lengths[self.epoch_pairs].sum()) + n_pairs
         r, s_mean, t_mean = src_tokens / tgt_tokens, src_tokens / n_pairs, tgt_tokens / n_pairs
         dense = 6 * (n_enc * r + n_dec + c.vocab_size * c.d_model)
         attention = 12 * c.d_model * (c.n_encoder_layers * s_mean * r + c.n_decoder_layers * (t_mean + s_mean))
@@ -224,14 +232,15 @@ def _sha256(*columns: list[str]) -> str:
 # The default recipes of `translate train`, chosen by the device. On a GPU, the paper's `base`
 # (§5.3, Table 3) in bfloat16 with torch.compile. On a CPU, what trains best in an hour on two
 # cores (bench/translate_ablations.py; the Transformer README's ablation table): the `small`
-# model, pre-norm layers with a higher learning rate, smaller batches, more frequent checkpoints
-# (averaged at evaluation, §6.1), in float32: bfloat16 autocast trained fewer steps in the same
-# time there (each batch's new matrix shapes cost oneDNN a new kernel).
+# model, pre-norm layers with a higher learning rate, smaller batches, no dropout (an hour is
+# far from overfitting: the training loss stays above the validation loss), the rate falling to
+# ~0 over the last fifth of the time (--cooldown), more frequent checkpoints (averaged at
+# evaluation, §6.1), in float32: bfloat16 autocast was no better in an hour (README).
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, norm_first=False, dropout=None),
                 engine=dict(dtype="bfloat16", compile=True)),
-    "cpu": dict(model=dict(preset="small", vocab_size=8000, batch_tokens=1500, norm_first=True, dropout=None),
-                engine=dict(lr=1.0, warmup_steps=400, eval_every=500, save_every=250, keep_last=5)),
+    "cpu": dict(model=dict(preset="small", vocab_size=8000, batch_tokens=1500, norm_first=True, dropout=0.0),
+                engine=dict(lr=1.0, warmup_steps=400, cooldown=0.2, eval_every=500, save_every=250, keep_last=5)),
 }
 
 
@@ -245,13 +254,15 @@ def recipe(device: str = "auto") -> dict:
 def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | None = None,
           vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int = 256,
           dropout: float | None = None, norm_first: bool | None = None, bleu_samples: int = 200,
-          command: list[str] | None = None, **engine) -> dict:
+          repeats: dict[str, int] | None = None, command: list[str] | None = None, **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
     `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
     `out`. A setting left None takes the device's recipe (`RECIPES`: on a CPU the one-hour recipe,
     on a GPU the paper's `base`). `engine`: the shared engine's options (`max_steps`, `lr` — a
     multiplier on the noam schedule —, `warmup_steps`, `max_minutes`, `resume`, ...;
-    `fromscratch.engine.TrainConfig`). Returns the engine's result: {"step", "train", "eval",
+    `fromscratch.engine.TrainConfig`). `repeats`: {NAME: N} puts the pairs of each training file
+    whose name starts with NAME N times into every epoch (`--repeat tatoeba=4`; `data.repeat_counts`).
+    Returns the engine's result: {"step", "train", "eval",
     "best", "run_dir"}.
     """
     defaults = recipe(engine.get("device") or "auto")
@@ -269,6 +280,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     config.check_before_work()
     check_run_state(out, config.resume, TranslationTask.model_name)  # before the corpora are read
     train_corpus = load_corpora([train] if isinstance(train, str) else list(train))
+    if repeats:
+        repeat_counts(train_corpus.origins, repeats)  # a NAME that matches no file fails now
     valid_corpus = load_corpora([valid])
     out = Path(out)
     if config.resume and (out / TOKENIZER_FILE).exists():
@@ -277,7 +290,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
         tokenizer = BPETokenizer.train(chain(train_corpus.src, train_corpus.tgt), vocab_size=vocab_size)
     model_config = TransformerConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
     task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
-                           seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples)
+                           seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples, repeats=repeats)
     del train_corpus  # the task holds the token ids; the text need not stay in memory beside them
     config.noam_d_model = model_config.d_model
     # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.
