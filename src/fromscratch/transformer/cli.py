@@ -48,7 +48,7 @@ def register(subparsers) -> None:
                               "replaces --batch-size")
     train_p.add_argument("--max-tokens", type=int, default=256,
                          help="skip training pairs with a side longer than this many tokens (default: 256)")
-    train_p.add_argument("--dropout", type=float, default=None, help="dropout (default: the recipe's: none on a CPU, the preset's on a GPU)")
+    train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     train_p.add_argument("--norm-first", action=argparse.BooleanOptionalAction, default=None,
                          help="pre-norm layers (Xiong et al. 2020); --no-norm-first: the paper's post-norm")
     train_p.add_argument("--repeat", nargs="+", default=[], metavar="NAME=N",
