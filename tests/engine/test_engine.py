@@ -260,16 +260,18 @@ class FakeClock:
         return self.now
 
 
-def test_cooldown_on_the_clock_is_decided_once_and_survives_a_resume(tmp_path, monkeypatch):
+def test_cooldown_on_the_clock_is_decided_once_and_survives_a_resume(tmp_path, monkeypatch, capsys):
     """With --max-minutes 1 and --cooldown 0.25, the rate starts falling at the first step past
     45 s, for as many steps as the last 15 s hold at the rate so far, and the run ends at the last
     of them. The window is kept in the checkpoint: a run stopped inside it resumes bit for bit."""
     from fromscratch.engine import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module.time, "perf_counter", FakeClock())
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     settings = dict(max_steps=10_000, schedule="constant", warmup_steps=0, lr=0.01, cooldown=0.25, max_minutes=1,
                     eval_every=10_000, save_every=10_000)
     straight = Trainer(ToyTask(), config(tmp_path / "straight", **settings)).fit()
+    assert f"ended at step {straight['step']}: training is done" in capsys.readouterr().out
     lrs = [row["lr"] for row in read_csv(tmp_path / "straight" / "metrics.csv")]
     start = lrs.index(next(lr for lr in lrs if lr < 0.01))  # steps at the full rate
     steps = straight["step"] - start

@@ -425,7 +425,11 @@ class Trainer:
                     self._save(step, tokens_seen, best, is_best, model, optimizer, scaler)
                     timer = time.perf_counter()  # saving is not training time
                 if stopping:
-                    if info.is_main:
+                    cooled = self._stop_signal is None and self._cooldown is not None and step >= sum(self._cooldown)
+                    if info.is_main and cooled:
+                        progress.write(f"the --cooldown of --max-minutes {cfg.max_minutes} ended at step {step}: "
+                                       "training is done; checkpoint saved")
+                    elif info.is_main:
                         why = f"signal {self._stop_signal}" if self._stop_signal else f"--max-minutes {cfg.max_minutes}"
                         progress.write(f"stopped by {why} at step {step}; checkpoint saved. "
                                        "Continue with the same command and --resume")
