@@ -403,7 +403,8 @@ class Trainer:
                 if cfg.max_minutes is not None and self._cooldown is None:
                     self._cooldown = self._clock_cooldown(step, step - step0, elapsed)
                 # A cooldown on the clock ends the run at its last step, when its rate is lowest.
-                out_of_time |= cfg.max_minutes is not None and self._cooldown is not None and step >= sum(self._cooldown)
+                cooled_down = cfg.max_minutes is not None and self._cooldown is not None and step >= sum(self._cooldown)
+                out_of_time |= cooled_down
                 if info.enabled:  # every process must agree to stop at the same step
                     out_of_time = bool(all_reduce_sum(torch.tensor(float(out_of_time), device=self.device), info).item())
                 stopping = self._stop_signal is not None or out_of_time
@@ -425,8 +426,7 @@ class Trainer:
                     self._save(step, tokens_seen, best, is_best, model, optimizer, scaler)
                     timer = time.perf_counter()  # saving is not training time
                 if stopping:
-                    cooled = self._stop_signal is None and self._cooldown is not None and step >= sum(self._cooldown)
-                    if info.is_main and cooled:
+                    if info.is_main and cooled_down and self._stop_signal is None:
                         progress.write(f"the --cooldown of --max-minutes {cfg.max_minutes} ended at step {step}: "
                                        "training is done; checkpoint saved")
                     elif info.is_main:

@@ -347,16 +347,14 @@ def repeat_counts(origins: Origins, repeats: dict[str, int]) -> np.ndarray:
     """How many times each pair enters an epoch: `repeats[NAME]` for a pair read from a file whose
     name starts with NAME (the longest such NAME), once for the others. Over-sampling a corpus
     this way repeats its indices in the batch plan, never its text or tokens."""
-    def count(file_name: str) -> int:
-        names = [name for name in repeats if Path(file_name).name.startswith(name)]
-        return repeats[max(names, key=len)] if names else 1
-
-    unmatched = [name for name in repeats if not any(Path(f).name.startswith(name) for f in origins.names)]
+    files = [Path(name).name for name in origins.names]
+    matches = [[name for name in repeats if file.startswith(name)] for file in files]  # per origins.names
+    unmatched = [name for name in repeats if not any(name in found for found in matches)]
     if unmatched:
         raise UserError(f"--repeat {', '.join(unmatched)}: no training corpus file name starts with that "
-                        f"(files: {', '.join(sorted(origins.names))})")
-    per_file = np.array([count(name) for name in origins.names] or [1], dtype=np.int64)
-    return per_file[origins.name_of_each()]
+                        f"(files: {', '.join(sorted(files))})")
+    per_file = [repeats[max(found, key=len)] if found else 1 for found in matches]
+    return np.array(per_file or [1], dtype=np.int64)[origins.name_of_each()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -262,8 +262,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     multiplier on the noam schedule —, `warmup_steps`, `max_minutes`, `resume`, ...;
     `fromscratch.engine.TrainConfig`). `repeats`: {NAME: N} puts the pairs of each training file
     whose name starts with NAME N times into every epoch (`--repeat tatoeba=4`; `data.repeat_counts`).
-    Returns the engine's result: {"step", "train", "eval",
-    "best", "run_dir"}.
+    Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
     """
     defaults = recipe(engine.get("device") or "auto")
     given = dict(preset=preset, vocab_size=vocab_size, batch_tokens=batch_tokens, norm_first=norm_first, dropout=dropout)
