@@ -88,6 +88,25 @@ def test_padding_keys_are_ignored_and_empty_rows_stay_finite(use_sdpa):
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False])
+@pytest.mark.parametrize("t_q", [1, 3])
+def test_groups_of_queries_share_a_key_row_as_if_it_were_repeated(use_sdpa, t_q):
+    """The beams of a source attend to its one copy of the keys: 3 query rows per key row give
+    what the keys repeated for each query row give (padding mask included)."""
+    group = 3
+    query = torch.randn(B * group, H, t_q, D)
+    _, key, value = qkv(t_q, 7)
+    mask = padding_mask(7)
+    shared = scaled_dot_product_attention(query, key, value, mask, use_sdpa=use_sdpa)
+    repeat = lambda t: t.repeat_interleave(group, dim=0)  # noqa: E731
+    repeated = scaled_dot_product_attention(query, repeat(key), repeat(value), repeat(mask), use_sdpa=use_sdpa)
+    torch.testing.assert_close(shared, repeated, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot share 2 key rows under a causal"):
+        scaled_dot_product_attention(query, key, value, is_causal=True, use_sdpa=use_sdpa)
+    with pytest.raises(ValueError, match="5 query rows cannot share 2 key rows"):
+        scaled_dot_product_attention(query[:5], key, value, use_sdpa=use_sdpa)
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
 def test_multi_head_attention_matches_pytorch(use_sdpa):
     d_model, n_heads = 16, 4
     ours = MultiHeadAttention(d_model, n_heads, use_sdpa=use_sdpa)

@@ -60,6 +60,30 @@ def test_reorder_moves_and_repeats_rows_and_static_cache_keeps_its_context():
     assert static.holds(1) and not static.holds(0) and static.keys[1] is memory
 
 
+def test_preallocated_reorders_gather_into_a_second_buffer_and_swap():
+    """Each reorder writes the filled positions into the other of two buffers (no new memory),
+    drops rows by using the first rows of the spare, and keeps every row's keys exact."""
+    steps = _steps(n_steps=4, batch=4)
+    cache = KVCache(n_layers=1, max_len=6)
+    expected = torch.cat([k for k, _ in steps], dim=2)  # (4, 2, 4, 4)
+    for k, v in steps:
+        cache.update(0, k, v)
+        cache.advance(1)
+    first = cache.keys[0].data_ptr()
+    for rows in ([3, 3, 1, 0], [1, 0, 2, 2], [2, 0, 1, 3]):
+        rows = torch.tensor(rows)
+        cache.reorder(rows)
+        expected = expected[rows]
+        torch.testing.assert_close(cache.keys[0][:, :, :4], expected, rtol=0, atol=0)
+    # Three swaps: the second buffer holds the keys, the first is the spare.
+    assert cache.keys[0].data_ptr() != first and cache.spare_keys[0].data_ptr() == first
+    cache.reorder(torch.tensor([2, 0]))  # two rows leave: the spare's first two rows take the rest
+    torch.testing.assert_close(cache.keys[0][:, :, :4], expected[[2, 0]], rtol=0, atol=0)
+    assert cache.keys[0].shape == (2, 2, 6, 4) and cache.keys[0].data_ptr() == first
+    keys, _ = cache.update(0, torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
+    torch.testing.assert_close(keys, torch.cat([expected[[2, 0]], torch.ones(2, 2, 1, 4)], dim=2), rtol=0, atol=0)
+
+
 def test_attention_over_the_cache_equals_attention_over_the_whole_sequence():
     """One query at a time against the cached keys = causal attention over all positions."""
     q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)

@@ -4,6 +4,7 @@ least as good as greedy under its own score; padding and output format."""
 import pytest
 import torch
 
+from fromscratch.transformer import decoding
 from fromscratch.transformer.decoding import beam_search, greedy_decode, length_penalty, sequence_scores
 from fromscratch.transformer.model import Transformer, TransformerConfig
 
@@ -37,6 +38,30 @@ def test_cached_and_uncached_generation_agree(beam_size, norm_first):
     uncached = model.generate(src, max_new_tokens=15, beam_size=beam_size, use_cache=False)
     assert torch.equal(cached, uncached)
     assert len(set(map(tuple, cached.tolist()))) == 3  # the sources really differ
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beams_share_their_source_and_translate_as_with_a_copy_each(use_cache, monkeypatch):
+    """Beam search keeps one encoder output (and one projection of its keys and values) per
+    source for all its beams, also after finished sources leave; the translations equal those
+    of a search that gives every beam its own copy."""
+    model, src = random_model(), sources(lengths=(7, 3, 5, 6, 2))
+    seen = []
+    call = decoding.TranslationNextToken.__call__
+
+    def recording(self, prefix):
+        seen.append((prefix.size(0), self.memory.size(0)))
+        return call(self, prefix)
+
+    monkeypatch.setattr(decoding.TranslationNextToken, "__call__", recording)
+    shared = beam_search(model, src, max_new_tokens=15, beam_size=3, use_cache=use_cache)
+    assert seen[0] == (5, 5) and all(rows == 3 * sources for rows, sources in seen[1:])
+    assert len({sources for _, sources in seen}) > 2  # finished sources left along the way
+    monkeypatch.setattr(decoding, "shared_rows", lambda rows, group: (rows // group, 1))  # a copy per beam
+    seen.clear()
+    copies = beam_search(model, src, max_new_tokens=15, beam_size=3, use_cache=use_cache)
+    assert seen[1][0] == seen[1][1] == 15
+    assert torch.equal(shared, copies)
 
 
 def test_cache_gives_the_same_log_probs_step_by_step():

@@ -7,6 +7,11 @@ cross-attention, Llama's grouped-query attention, and the models built on them).
 paths that compute the same thing: the explicit maths, which is what the READMEs teach, and
 PyTorch's fused `scaled_dot_product_attention`, which is faster (flash / memory-efficient kernels
 on GPU). `tests/blocks/test_attention.py` proves they agree.
+
+Queries may come in groups that share one row of keys and values: the K beams of a beam search
+attend to the same source sentence or image. With query (g·B, …) and key (B, …), rows g·b to
+g·b + g − 1 attend to key row b; the search then keeps, and moves, one encoder output per source
+instead of K copies, and each source's keys are read once for all its beams.
 """
 
 import math
@@ -34,7 +39,12 @@ def scaled_dot_product_attention(
 
     A masked score is set to the most negative finite number rather than −∞, so a query row
     with nothing to attend to (a padding position) yields a harmless average instead of NaN.
+
+    query (g·B, H, T_q, d_k) with key and value of B rows: groups of g consecutive query rows
+    share a key row (module docstring); the mask is then key's (B, …) with T_q broadcast (1).
     """
+    if query.size(0) != key.size(0) and key.size(0) > 0:
+        return _grouped_attention(query, key, value, mask, is_causal, dropout_p, use_sdpa)
     t_q, t_k = query.size(-2), key.size(-2)
     if use_sdpa and mask is None and (not is_causal or t_q == t_k or t_q == 1):
         # No explicit mask needed: lets PyTorch pick its flash / memory-efficient kernels.
@@ -63,3 +73,16 @@ def scaled_dot_product_attention(
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ value  # (B, H, T_q, d_v)
+
+
+def _grouped_attention(query, key, value, mask, is_causal, dropout_p, use_sdpa) -> torch.Tensor:
+    """Each key row's g queries side by side as g·T_q queries of one row: (B, H, g·T_q, d_k)."""
+    rows, n_heads, t_q, _ = query.shape
+    group = rows // key.size(0)
+    if group * key.size(0) != rows or is_causal or (mask is not None and mask.size(-2) != 1):
+        raise ValueError(f"{rows} query rows cannot share {key.size(0)} key rows"
+                         + (" under a causal or per-query mask" if group * key.size(0) == rows else ""))
+    folded = query.view(key.size(0), group, n_heads, t_q, -1).transpose(1, 2).reshape(key.size(0), n_heads,
+                                                                                        group * t_q, -1)
+    out = scaled_dot_product_attention(folded, key, value, mask, False, dropout_p, use_sdpa)  # (B, H, g·T_q, d_v)
+    return out.view(key.size(0), n_heads, group, t_q, -1).transpose(1, 2).reshape(rows, n_heads, t_q, -1)

@@ -80,6 +80,18 @@ def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: i
     return tokens[:, :end]
 
 
+def shared_rows(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """Which rows of a prompt's shared state (an encoder output, image patches: one row read by
+    `group` consecutive search rows, see `scaled_dot_product_attention`) the search rows `rows`
+    (N',) of a `reorder` read, and their new group size. Beam search keeps each prompt's beams
+    consecutive and equally many, so it keeps one row per prompt; rows in any other order get
+    a row each (group 1)."""
+    sources = rows // group  # the shared row each new search row reads
+    _, counts = torch.unique_consecutive(sources, return_counts=True)
+    new_group = int(counts[0]) if bool((counts == counts[0]).all()) else 1
+    return sources[::new_group], new_group
+
+
 def gnmt_length_penalty(length: int, alpha: float) -> float:
     """GNMT's lp(Y) = ((5 + |Y|) / 6)^α."""
     return ((5 + length) / 6) ** alpha

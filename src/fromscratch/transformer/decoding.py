@@ -23,7 +23,7 @@ import torch
 
 from fromscratch.blocks import beam_search as shared_beam_search
 from fromscratch.blocks import check_sampling_options, gnmt_length_penalty, sample
-from fromscratch.blocks.search import LENGTH_PENALTY_STYLES
+from fromscratch.blocks.search import LENGTH_PENALTY_STYLES, shared_rows
 from fromscratch.errors import UserError
 
 length_penalty = gnmt_length_penalty  # §6.1 ranks beams with GNMT's lp(Y) = ((5 + |Y|) / 6)^α
@@ -40,6 +40,7 @@ class TranslationNextToken:
         if src_mask is not None and bool(src_mask.all()):
             src_mask = None
         self.model, self.memory, self.src_mask = model, memory, src_mask
+        self.group = 1  # rows of the search per row of memory (beam search: the beams of a source)
         self.cache = model.new_cache(max_len) if use_cache else None
         # The packed one-token step (fast.py), its weights checked once for the whole search.
         self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step is not None else None
@@ -59,13 +60,16 @@ class TranslationNextToken:
 
     def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
         """Keep rows `rows`: beam search moves each beam's state along with it. The encoder
-        output (and its projected keys and values) is the same for every beam of a source."""
+        output (and its projected keys and values) is the same for every beam of a source:
+        it is kept once per source, and its `group` consecutive rows attend to it."""
+        context_rows = None
         if not within_prompts:
-            self.memory = self.memory.index_select(0, rows)
+            context_rows, self.group = shared_rows(rows, self.group)
+            self.memory = self.memory.index_select(0, context_rows)
             if self.src_mask is not None:
-                self.src_mask = self.src_mask.index_select(0, rows)
+                self.src_mask = self.src_mask.index_select(0, context_rows)
         if self.cache is not None:
-            self.cache.reorder(rows, within_prompts)
+            self.cache.reorder(rows, context_rows)
 
 
 def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int, ban: bool = True):

@@ -222,11 +222,12 @@ class DecoderCache:
         """Target positions decoded so far: where the next one starts."""
         return self.self_attention.length
 
-    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
-        """Keep rows `rows`; the encoder output's keys and values stay when the rows keep their sources."""
+    def reorder(self, rows: torch.Tensor, context_rows: torch.Tensor | None = None) -> None:
+        """Keep rows `rows` of the self-attention's keys and values, and rows `context_rows` of
+        the encoder output's (None: they stay, as when beams move within their source)."""
         self.self_attention.reorder(rows)
-        if not within_prompts:
-            self.cross_attention.reorder(rows)
+        if context_rows is not None:
+            self.cross_attention.reorder(context_rows)
 
 
 def next_token_loss(hidden: torch.Tensor, output_projection: nn.Linear, logits_bias: torch.Tensor | None,
