@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fromscratch.blocks import KVCache, beam_search, gnmt_length_penalty, sample, scaled_dot_product_attention
+from fromscratch.blocks.search import stable_slots
 from fromscratch.errors import UserError
 
 
@@ -60,28 +61,42 @@ def test_reorder_moves_and_repeats_rows_and_static_cache_keeps_its_context():
     assert static.holds(1) and not static.holds(0) and static.keys[1] is memory
 
 
-def test_preallocated_reorders_gather_into_a_second_buffer_and_swap():
-    """Each reorder writes the filled positions into the other of two buffers (no new memory),
-    drops rows by using the first rows of the spare, and keeps every row's keys exact."""
+def test_preallocated_reorders_copy_only_the_rows_that_change_in_place(monkeypatch):
+    """A reorder copies the filled positions of the rows whose content changes and no others,
+    in the same buffer (swaps and repeats included: sources are read before targets are
+    written); rows that leave narrow it to its first rows, more rows grow it; every key exact."""
+    copied = []
+    index_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_",
+                        lambda self, dim, index, source: copied.append(index.tolist()) or index_copy(self, dim, index, source))
     steps = _steps(n_steps=4, batch=4)
     cache = KVCache(n_layers=1, max_len=6)
     expected = torch.cat([k for k, _ in steps], dim=2)  # (4, 2, 4, 4)
+    expected_values = torch.cat([v for _, v in steps], dim=2)
     for k, v in steps:
         cache.update(0, k, v)
         cache.advance(1)
     first = cache.keys[0].data_ptr()
-    for rows in ([3, 3, 1, 0], [1, 0, 2, 2], [2, 0, 1, 3]):
+    for rows, changed in (([3, 3, 1, 0], [0, 1, 2, 3]), ([1, 0, 2, 2], [0, 1, 3]), ([0, 1, 3, 3], [2]),
+                          ([0, 1, 2, 3], [])):
+        copied.clear()
         rows = torch.tensor(rows)
         cache.reorder(rows)
-        expected = expected[rows]
+        expected, expected_values = expected[rows], expected_values[rows]
         torch.testing.assert_close(cache.keys[0][:, :, :4], expected, rtol=0, atol=0)
-    # Three swaps: the second buffer holds the keys, the first is the spare.
-    assert cache.keys[0].data_ptr() != first and cache.spare_keys[0].data_ptr() == first
-    cache.reorder(torch.tensor([2, 0]))  # two rows leave: the spare's first two rows take the rest
+        torch.testing.assert_close(cache.values[0][:, :, :4], expected_values, rtol=0, atol=0)
+        assert copied == ([changed, changed] if changed else [])  # keys, then values
+        assert cache.keys[0].data_ptr() == first
+    cache.reorder(torch.tensor([2, 0]))  # two rows leave: a view of the first two rows
     torch.testing.assert_close(cache.keys[0][:, :, :4], expected[[2, 0]], rtol=0, atol=0)
     assert cache.keys[0].shape == (2, 2, 6, 4) and cache.keys[0].data_ptr() == first
     keys, _ = cache.update(0, torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
-    torch.testing.assert_close(keys, torch.cat([expected[[2, 0]], torch.ones(2, 2, 1, 4)], dim=2), rtol=0, atol=0)
+    expected = torch.cat([expected[[2, 0]], torch.ones(2, 2, 1, 4)], dim=2)
+    torch.testing.assert_close(keys, expected, rtol=0, atol=0)
+    cache.advance(1)
+    cache.reorder(torch.tensor([1, 1, 0]))  # more rows than the buffer has: a new one
+    torch.testing.assert_close(cache.keys[0][:, :, :5], expected[[1, 1, 0]], rtol=0, atol=0)
+    assert cache.keys[0].shape == (3, 2, 6, 4)
 
 
 def test_attention_over_the_cache_equals_attention_over_the_whole_sequence():
@@ -222,6 +237,51 @@ def test_hf_style_beam_search_equals_transformers_algorithm_written_by_hand(alph
         for row, start in zip(got.tolist(), (1, 4)):
             expected = hf_beam_search_by_hand(table, start, k, alpha, max_new, eos, banned)
             assert row == expected + [banned] * (len(row) - len(expected)), (seed, k, max_new)
+
+
+def test_stable_slots_keep_each_parents_best_new_beam_in_its_row():
+    """Slot j of the result names the new beam (by rank) that goes into row j: each parent's
+    best new beam stays in the parent's row, the others fill the remaining rows in rank order."""
+    parents = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 2], [3, 2, 1, 0], [1, 0, 0, 3]])
+    assert stable_slots(parents).tolist() == [[0, 2, 1, 3], [1, 2, 0, 3], [3, 2, 1, 0], [1, 0, 2, 3]]
+    generator = torch.Generator().manual_seed(0)
+    parents = torch.randint(0, 5, (200, 5), generator=generator)
+    slots = stable_slots(parents)
+    assert torch.equal(slots.sort(dim=1).values, torch.arange(5).expand(200, 5))  # a permutation
+    for row_parents, row_slots in zip(parents.tolist(), slots.tolist()):
+        best_child = {p: row_parents.index(p) for p in set(row_parents)}
+        assert all(row_slots[p] == child for p, child in best_child.items())
+        others = [child for row, child in enumerate(row_slots) if row not in best_child]
+        assert others == sorted(others)
+
+
+def test_beam_search_moves_only_beams_whose_parent_left_their_row(monkeypatch):
+    """Within a prompt, a row keeps its state unless the beam that used it has no continuation:
+    at every step as many rows stay as the beams have distinct parents, so the KV cache copies
+    only the others. Where the beams sit changes nothing they find: the results equal a search
+    that puts them in rank order."""
+
+    class Recording(MarkovChain):
+        def reorder(self, rows, within_prompts=False):
+            if within_prompts:
+                within.append(rows.clone())
+            super().reorder(rows, within_prompts)
+
+    k, prompt = 3, torch.tensor([[2], [3], [1]])
+    for seed in range(4):
+        table = _table(vocab=7, seed=seed)
+        within = []
+        got = beam_search(Recording(table, 3), prompt, 6, beam_size=k, alpha=0.6, eos_id=0, pad_id=0)
+        assert len(within) >= 3
+        for rows in within:
+            blocks = rows.view(-1, k) - torch.arange(0, rows.numel(), k)[:, None]  # parents within each prompt
+            for parents in blocks.tolist():
+                assert sum(parent == row for row, parent in enumerate(parents)) == len(set(parents))
+        with monkeypatch.context() as patch:
+            patch.setattr("fromscratch.blocks.search.stable_slots",
+                          lambda parents: torch.arange(parents.size(1)).expand_as(parents))
+            in_rank_order = beam_search(MarkovChain(table, 3), prompt, 6, beam_size=k, alpha=0.6, eos_id=0, pad_id=0)
+        assert torch.equal(got, in_rank_order)
 
 
 def test_beam_search_refuses_an_unknown_style():

@@ -18,9 +18,9 @@ A cache holds as many key/value heads as the layer produces, which is where grou
 multi-query attention save memory (n_heads / n_kv_heads times less than multi-head attention).
 `length` counts the positions held; the model advances it once per forward, after every layer
 has stored its keys. `reorder` moves rows along with the beams of beam search: a preallocated
-cache then gathers the filled positions into a second buffer of the same shape (made on the
-first reorder) and the two swap roles, one pass over the keys instead of a gather into a new
-tensor and a copy back (5.8× faster for 256 rows × 4 heads × 30 positions × 64, measured).
+cache copies, in place, only the rows whose content changes (beam search keeps a beam in its
+parent's row where it can, so most rows stay), and rows that leave shrink it to a view of its
+first rows; it never holds a second buffer.
 """
 
 import torch
@@ -36,9 +36,6 @@ class KVCache:
             raise ValueError("a static cache holds a fixed context; it has no max_len")
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
-        # Preallocated: each layer's second buffer, which `reorder` gathers into; made on the first.
-        self.spare_keys: list[torch.Tensor | None] = [None] * n_layers
-        self.spare_values: list[torch.Tensor | None] = [None] * n_layers
         self.max_len, self.static = max_len, static
         self.length = 0  # positions held (preallocated, growing); advanced by the model
 
@@ -90,23 +87,32 @@ class KVCache:
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (B',), in that order: beam search moves each beam's cache along
         with it, and repeating a row makes several beams of one prompt."""
-        n = self.length if not self.static else None  # only the positions filled so far move
+        if self.max_len is None or self.static:  # new tensors
+            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+                if k is not None:
+                    self.keys[layer], self.values[layer] = k.index_select(0, rows), v.index_select(0, rows)
+            return
+        # Row i takes row rows[i]: only the rows that change are copied, and only the positions
+        # filled so far.
+        targets = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        sources = rows[targets]
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is None:
-                continue
-            if self.max_len is None or self.static:  # a new tensor
-                self.keys[layer], self.values[layer] = k.index_select(0, rows), v.index_select(0, rows)
-            else:  # gather the filled positions into the spare buffers, which then swap roles
-                self.keys[layer], self.spare_keys[layer] = gathered(k, self.spare_keys[layer], rows, n), k
-                self.values[layer], self.spare_values[layer] = gathered(v, self.spare_values[layer], rows, n), v
+            if k is not None:
+                self.keys[layer] = moved(k, len(rows), targets, sources, self.length)
+                self.values[layer] = moved(v, len(rows), targets, sources, self.length)
 
 
-def gathered(buffer: torch.Tensor, spare: torch.Tensor | None, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """Rows `rows` of `buffer`'s first n positions (dim 2), written into the first len(rows) rows
-    of `spare` and returned as a view of them. A spare with too few rows (or none) is replaced
-    by a new one; one with more rows lends its first ones (beam search drops finished prompts)."""
-    if spare is None or spare.size(0) < len(rows):
-        spare = buffer.new_empty((len(rows), *buffer.shape[1:]))
-    spare = spare.narrow(0, 0, len(rows))
-    torch.index_select(buffer.narrow(2, 0, n), 0, rows, out=spare.narrow(2, 0, n))
-    return spare
+def moved(buffer: torch.Tensor, n_rows: int, targets: torch.Tensor, sources: torch.Tensor, n: int) -> torch.Tensor:
+    """`buffer` (B, heads, max_len, head_dim) as n_rows rows, where row targets[i] holds what
+    row sources[i] held in its first n positions. In place (the sources are read before any
+    target is written) when n_rows ≤ B, and the result is a view of the first n_rows rows;
+    a larger n_rows takes a new buffer."""
+    held = buffer.narrow(2, 0, n).index_select(0, sources) if len(targets) else None  # read first
+    if n_rows > buffer.size(0):
+        grown = buffer.new_empty((n_rows, *buffer.shape[1:]))
+        grown.narrow(0, 0, buffer.size(0)).narrow(2, 0, n).copy_(buffer.narrow(2, 0, n))
+        buffer = grown
+    buffer = buffer.narrow(0, 0, n_rows)
+    if held is not None:
+        buffer.narrow(2, 0, n).index_copy_(0, targets, held)
+    return buffer

@@ -92,6 +92,23 @@ def shared_rows(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
     return sources[::new_group], new_group
 
 
+def stable_slots(parents: torch.Tensor) -> torch.Tensor:
+    """Where beam search puts its new beams: parents (b, K), the beam (0..K−1) that each new beam
+    extends, best first → slots (b, K), the new beam that goes into each beam's row.
+    The best new beam of each parent stays in the parent's row; the others take the rows of
+    parents that have no new beam, in order. Rows that keep their beam's state need not move it
+    (`KVCache.reorder` copies only the rows that change)."""
+    b, k = parents.shape
+    order = torch.arange(k, device=parents.device)
+    same_parent = parents[:, :, None] == parents[:, None, :]  # (b, K, K)
+    first_child = ~(same_parent & (order[None, :] < order[:, None])).any(dim=2)  # (b, K)
+    kept = ((parents[:, :, None] == order) & first_child[:, :, None]).any(dim=1)  # (b, K): rows kept
+    free_rows = (kept.long() * k + order).argsort(dim=1)  # rows not kept first, in order
+    rank_among_others = ((~first_child).long().cumsum(dim=1) - 1).clamp(min=0)
+    row = torch.where(first_child, parents, free_rows.gather(1, rank_among_others))  # (b, K): each beam's row
+    return torch.empty_like(row).scatter_(1, row, order.expand(b, k))
+
+
 def gnmt_length_penalty(length: int, alpha: float) -> float:
     """GNMT's lp(Y) = ((5 + |Y|) / 6)^α."""
     return ((5 + length) / 6) ** alpha
@@ -119,20 +136,25 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
     hf = length_penalty_style == "hf"
     lp = hf_length_penalty if hf else gnmt_length_penalty
 
-    def step_log_probs(tokens: torch.Tensor) -> torch.Tensor:
-        log_probs = next_logits(tokens).log_softmax(dim=-1)
-        return log_probs if banned is None else log_probs.index_fill(1, banned, float("-inf"))
-
     batch, k = prompt.size(0), beam_size
+
+    def step_candidates(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's 2K most probable next tokens, (N, c) log-probabilities and (N, c) ids:
+        the best 2K extensions of a prompt's K beams are among its beams' 2K best each."""
+        log_probs = next_logits(tokens).log_softmax(dim=-1)  # (N, V), a new tensor
+        if banned is not None:
+            log_probs.index_fill_(1, banned, float("-inf"))
+        return log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)
+
     device = prompt.device
     if max_new_tokens == 0:
         return prompt.new_empty(batch, 0)
     # The prompt goes through the model once per row; then each row becomes K beams, side by
     # side in one batch of B·K rows: row b·K + j is beam j of prompt b.
-    log_probs = step_log_probs(prompt)  # (B, V)
+    candidate_scores, candidate_tokens = step_candidates(prompt)  # (B, c)
     expand = torch.arange(batch, device=device).repeat_interleave(k)
     next_logits.reorder(expand)
-    log_probs, tokens = log_probs[expand], prompt[expand]
+    candidate_scores, candidate_tokens, tokens = candidate_scores[expand], candidate_tokens[expand], prompt[expand]
     beam_scores = torch.zeros(batch, k, device=device)  # log P of each beam's continuation
     beam_scores[:, 1:] = float("-inf")  # the K beams start identical: expand only the first
     first_row = torch.arange(batch, device=device)[:, None] * k  # (B, 1)
@@ -148,12 +170,12 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
     kept_scores = torch.full((batch, k), float("-inf"), device=device)  # "hf": the K best finished, best first
     for t in range(1, max_new_tokens + 1):  # t: hypothesis length after this step
         if t > 1:
-            log_probs = step_log_probs(tokens)  # (b·K, V), b = len(active)
-        n_active, vocab = len(active), log_probs.size(1)
-        scores = (beam_scores.view(-1, 1) + log_probs).view(n_active, k * vocab)
+            candidate_scores, candidate_tokens = step_candidates(tokens)  # (b·K, c), b = len(active)
+        n_active, c = len(active), candidate_scores.size(1)
+        scores = (beam_scores.view(-1, 1) + candidate_scores).view(n_active, k * c)
         # Of the best 2K extensions at most K end in EOS, so at least K remain to continue.
         top_scores, top_index = scores.topk(2 * k, dim=1)  # (b, 2K)
-        top_beams, top_tokens = top_index // vocab, top_index % vocab
+        top_beams, top_tokens = top_index // c, candidate_tokens.view(n_active, k * c).gather(1, top_index)
         is_eos = top_tokens == eos_id if eos_id is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
 
         # An EOS among the best K finishes a hypothesis; keep it if it beats the prompt's best.
@@ -174,19 +196,22 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
         if hf:
             kept_scores = torch.cat([kept_scores, finished], dim=1).topk(k, dim=1).values
 
-        # The best K extensions that did not end are the next step's beams.
+        # The best K extensions that did not end are the next step's beams, each in the row of
+        # the beam it extends where it can (so that little of the state moves).
         beam_scores, i = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (b, K)
+        slots = stable_slots(top_beams.gather(1, i))
+        beam_scores, i = beam_scores.gather(1, slots), i.gather(1, slots)
         rows = (first_row + top_beams.gather(1, i)).view(-1)
         tokens = torch.cat([tokens[rows], top_tokens.gather(1, i).view(-1, 1)], dim=1)
         next_logits.reorder(rows, within_prompts=True)
 
         if hf:  # transformers' heuristic: K finished, and the best beam at its length no better than the worst
             worst = kept_scores[:, -1]
-            done = (worst > float("-inf")) & (beam_scores[:, 0] / lp(t, alpha) <= worst)
+            done = (worst > float("-inf")) & (beam_scores.max(dim=1).values / lp(t, alpha) <= worst)
         else:
             # A prompt is done when no beam can still beat its best: log P only falls as beams
             # grow, and lp grows at most to lp(max_new_tokens).
-            done = best_scores[active] >= beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
+            done = best_scores[active] >= beam_scores.max(dim=1).values / gnmt_length_penalty(max_new_tokens, alpha)
         if done.all():
             break
         if done.any():  # the done prompts leave; nothing they hold can change any more
@@ -197,8 +222,10 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
             first_row = torch.arange(len(active), device=device)[:, None] * k
     else:  # out of steps: the unfinished beams, now max_new_tokens long, compete too ("hf": done above)
         if not hf:
-            unfinished = beam_scores[:, 0] / gnmt_length_penalty(max_new_tokens, alpha)
+            top_beam_scores, top_beam = beam_scores.max(dim=1)
+            unfinished = top_beam_scores / gnmt_length_penalty(max_new_tokens, alpha)
             improved = unfinished > best_scores[active]
-            best[active[improved]] = tokens.view(len(active), k, -1)[improved, 0, start:]
+            best_beams = tokens.view(len(active), k, -1)[torch.arange(len(active), device=device), top_beam]
+            best[active[improved]] = best_beams[improved, start:]
             best_lengths[active[improved]] = max_new_tokens
     return best[:, :int(best_lengths.max())]
