@@ -1,8 +1,10 @@
 """Benchmark of fromscratch's vision–language models on this machine's CPU, against Hugging Face's.
 
 1. ViT-Tiny training (32×32 images, 4×4 patches, batch 64): forward + a linear classifier on the
-   class token + cross-entropy + backward + AdamW step, ours (`fromscratch.vlm.accelerate(ViT)`)
-   against `transformers.ViTModel` holding the very same weights. Ratio = ours / theirs, images/s.
+   class token + cross-entropy + backward + AdamW step, ours (`fromscratch.vlm.accelerate(ViT)`,
+   the class token's state by `ViT.class_state`, whose last layer runs for that token only)
+   against `transformers.ViTModel` holding the very same weights (`last_hidden_state[:, 0]`).
+   Ratio = ours / theirs, images/s.
 2. CLIP encoding (ViT-B/32 shapes, random weights): the image tower on a batch of 224×224 images
    and the text tower on a batch of 77-token texts, `CLIP.embed_images` + `embed_texts` against
    `CLIPModel.get_image_features` + `get_text_features`, same weights, no gradients.
@@ -71,7 +73,7 @@ def bench_vit_training(hf_config: dict, batch_size: int, rounds: int) -> dict:
                   for name, model in (("ours", ours), ("theirs", theirs))}
 
     def step(name):
-        features = ours(images)[:, 0] if name == "ours" else theirs(images).last_hidden_state[:, 0]
+        features = ours.class_state(images) if name == "ours" else theirs(images).last_hidden_state[:, 0]
         loss = F.cross_entropy(heads[name](features), labels)
         optimizers[name].zero_grad(set_to_none=True)
         loss.backward()

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from fromscratch.errors import UserError
 from fromscratch.transformer.model import (
+    EncoderLayer,
 
     LayerNorm,
     Transformer,
@@ -179,6 +180,28 @@ def test_extra_source_padding_changes_nothing(norm_first):
         torch.testing.assert_close(model(more_padding, tgt), model(src, tgt), atol=1e-5, rtol=1e-5)
         # and a row alone, unpadded, equals the same row in the padded batch
         torch.testing.assert_close(model(src[1:2, :4], tgt[1:2]), model(src, tgt)[1:2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["bidirectional", "causal"])
+def test_an_encoder_layer_at_one_position_equals_the_full_layer_there(norm_first, is_causal):
+    """forward_at (the last layer of a model pooled at one position) gives the full layer's
+    output at that position, and the same gradients for a loss read there."""
+    torch.manual_seed(0)
+    layer = EncoderLayer(tiny(norm_first=norm_first))
+    x = torch.randn(3, 7, layer.self_attention.n_heads * layer.self_attention.head_dim, requires_grad=True)
+    mask = (torch.arange(7)[None, :] < torch.tensor([7, 5, 6])[:, None])[:, None, None, :]  # padding
+    index = torch.tensor([6, 2, 0])
+    rows = torch.arange(3)
+    full = layer(x, mask, is_causal=is_causal)[rows, index]
+    at = layer.forward_at(x, index, mask, is_causal=is_causal)
+    assert at.shape == (3, 1, x.size(-1))
+    torch.testing.assert_close(at[:, 0], full, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(full)
+    grads_full = torch.autograd.grad((full * weights).sum(), [x, *layer.parameters()])
+    grads_at = torch.autograd.grad((at[:, 0] * weights).sum(), [x, *layer.parameters()])
+    for g_full, g_at in zip(grads_full, grads_at):
+        torch.testing.assert_close(g_at, g_full, rtol=1e-4, atol=1e-6)
 
 
 def test_decoder_does_not_see_the_future():

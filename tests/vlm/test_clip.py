@@ -12,7 +12,7 @@ from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from fromscratch.errors import UserError
 from fromscratch.transformer.model import quick_gelu
-from fromscratch.vlm import CLIP, CLIPConfig, contrastive_loss, zero_shot_classify
+from fromscratch.vlm import CLIP, CLIPConfig, TextTransformer, contrastive_loss, zero_shot_classify
 from fromscratch.vlm.clip import LOGIT_SCALE_MAX, clamp_logit_scale, eos_positions
 
 VOCAB = 99
@@ -63,6 +63,22 @@ def test_pooling_follows_hugging_face_eos_rule():
     assert eos_positions(ids, 9).tolist() == [3, 3]  # the first eos
     assert eos_positions(ids, 2).tolist() == [3, 3]  # eos_id 2: the largest id (argmax), as HF's legacy configs
     assert eos_positions(torch.tensor([[4, 8, 9, 9, 0]]), 9).tolist() == [2]
+
+
+def test_the_text_tower_at_the_end_of_text_equals_its_full_output_there(tmp_path):
+    """states_at (what embed_texts pools) runs the last layer at one position per row: equal to
+    the full tower's output there, with or without padding, the position anywhere in the row."""
+    hf_clip().save_pretrained(tmp_path)
+    tower = CLIP.from_pretrained(tmp_path).text
+    no_layers = TextTransformer(CLIP.from_pretrained(tmp_path).config.text_block_config(), n_layers=0)
+    ids, mask = texts()
+    rows = torch.arange(3)
+    with torch.no_grad():
+        for text in (tower, no_layers):
+            for positions in (torch.tensor([9, 6, 4]), torch.tensor([0, 3, 9])):
+                for attention_mask in (mask, None):
+                    torch.testing.assert_close(text.states_at(ids, positions, attention_mask),
+                                               text(ids, attention_mask)[rows, positions], rtol=1e-5, atol=1e-6)
 
 
 def test_save_pretrained_writes_a_directory_clip_model_loads(tmp_path):

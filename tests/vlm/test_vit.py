@@ -55,6 +55,26 @@ def test_matches_hugging_face_vit_model(tmp_path):
     assert (ours(images) - expected).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_class_state_is_the_class_tokens_final_state_and_trains_alike(n_layers):
+    """class_state runs the last layer for the class token only: the same (B, D) as
+    forward()[:, 0], and the same gradients for a classifier's loss on it."""
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=16, patch_size=4, d_model=32, n_layers=n_layers, n_heads=4, d_ff=64,
+                        pre_norm=True))
+    images = torch.randn(3, 3, 16, 16)
+    full, pooled = vit(images)[:, 0], vit.class_state(images)
+    torch.testing.assert_close(pooled, full, rtol=1e-5, atol=1e-6)
+    labels = torch.tensor([0, 3, 1])
+    grads = [torch.autograd.grad(F.cross_entropy(y[:, :8], labels), list(vit.parameters()), allow_unused=True)
+             for y in (vit(images)[:, 0], vit.class_state(images))]
+    for g_full, g_pooled in zip(*grads):
+        if g_full is None:
+            assert g_pooled is None
+        else:
+            torch.testing.assert_close(g_pooled, g_full, rtol=1e-4, atol=1e-6)
+
+
 def test_other_image_sizes_interpolate_the_positions_as_hugging_face_does(tmp_path):
     reference = save_hf_vit(tmp_path)
     ours = ViT.from_pretrained(tmp_path)

@@ -185,6 +185,26 @@ class EncoderLayer(ResidualLayer):
         x = self.residual(x, 0, lambda h: self.self_attention(h, h, mask=src_mask, is_causal=is_causal, cache=cache))
         return self.residual(x, 1, self.feed_forward)
 
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, src_mask: torch.Tensor | None = None,
+                   is_causal: bool = False) -> torch.Tensor:
+        """`forward(x, src_mask, is_causal)` at one position of each row: x (B, S, d_model),
+        index (B,) → (B, 1, d_model). The keys and values still come from every position; the
+        query, the residuals and the FFN are computed at that position only. A model that reads
+        one position of its last layer (ViT's class token, CLIP's end of text) needs no more of
+        it: about 10/12 of that layer's products are saved."""
+        rows = torch.arange(x.size(0), device=x.device)
+        mask = src_mask
+        if is_causal:  # the position sees itself and the positions before it
+            seen = torch.arange(x.size(1), device=x.device) <= index[:, None]  # (B, S)
+            mask = seen[:, None, None, :] if mask is None else mask & seen[:, None, None, :]
+        at = x[rows, index][:, None]  # (B, 1, d_model)
+        if self.norm_first:
+            context = self.norms[0](x)
+            at = at + self.dropout(self.self_attention(context[rows, index][:, None], context, mask=mask))
+        else:
+            at = self.norms[0](at + self.dropout(self.self_attention(at, x, mask=mask)))
+        return self.residual(at, 1, self.feed_forward)
+
 
 class DecoderLayer(ResidualLayer):
     """A decoder layer, §3.1: masked self-attention (position i sees positions ≤ i), attention

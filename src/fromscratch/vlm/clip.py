@@ -142,6 +142,19 @@ class TextTransformer(nn.Module):
             x = layer(x, mask, is_causal=True)
         return self.norm(x)
 
+    def states_at(self, tokens: torch.Tensor, positions: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final state at one position of each row, positions (B,) → (B, d_model), equal to
+        `forward(tokens, attention_mask)[rows, positions]`; the last layer runs for that position
+        only (`EncoderLayer.forward_at`), which is all that the pooled text embedding reads."""
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.embed(tokens)
+        if not self.layers:
+            return self.norm(x[torch.arange(x.size(0), device=x.device), positions])
+        for layer in self.layers[:-1]:
+            x = layer(x, mask, is_causal=True)
+        return self.norm(self.layers[-1].forward_at(x, positions, mask, is_causal=True)[:, 0])
+
 
 def eos_positions(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(B,) where each row's text ends, by Hugging Face's rule (module docstring)."""
@@ -195,13 +208,11 @@ class CLIP(nn.Module):
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W), normalised with the model's mean and std → I_e (B, embed_dim), unit norm."""
-        return l2_normalize(self.image_projection(self.vision(pixel_values)[:, 0]))
+        return l2_normalize(self.image_projection(self.vision.class_state(pixel_values)))
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids, each row holding its end-of-text token → T_e (B, embed_dim), unit norm."""
-        hidden = self.text(input_ids, attention_mask)  # (B, T, d)
-        rows = torch.arange(hidden.size(0), device=hidden.device)
-        pooled = hidden[rows, eos_positions(input_ids, self.config.eos_id)]  # (B, d)
+        pooled = self.text.states_at(input_ids, eos_positions(input_ids, self.config.eos_id), attention_mask)  # (B, d)
         return l2_normalize(self.text_projection(pooled))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,

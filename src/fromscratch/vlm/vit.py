@@ -170,6 +170,19 @@ class ViT(nn.Module):
             x = layer(x)
         return self.norm(x)
 
+    def class_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The paper's y (eq. 4), the class token's final state alone: (B, C, H, W) → (B, D),
+        equal to `forward(pixel_values)[:, 0]`. The last layer runs for the class token only
+        (`EncoderLayer.forward_at`), which is all that CLIP's image embedding and a classifier
+        read."""
+        x = self.embed(pixel_values)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for layer in self.layers[:-1]:
+            x = layer(x)
+        class_token = torch.zeros(x.size(0), dtype=torch.long, device=x.device)
+        return self.norm(self.layers[-1].forward_at(x, class_token)[:, 0])
+
     @classmethod
     def from_pretrained(cls, directory, device: str = "cpu") -> "ViT":
         """A ViT from a Hugging Face `ViTModel` / `ViTForImageClassification` directory (config.json
