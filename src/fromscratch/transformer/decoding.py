@@ -29,7 +29,31 @@ from fromscratch.errors import UserError
 length_penalty = gnmt_length_penalty  # §6.1 ranks beams with GNMT's lp(Y) = ((5 + |Y|) / 6)^α
 
 
-class TranslationNextToken:
+class ContextNextToken:
+    """What the next-token functions of a decoder that cross-attends to a fixed context share
+    (the Transformer's encoded source, the VLM's image patches): the context `memory` (B, S,
+    d_model), its padding mask (None: no padding), the `DecoderCache` (None: no cache), and how
+    beam search moves them."""
+
+    def __init__(self, memory: torch.Tensor, src_mask: torch.Tensor | None, cache):
+        self.memory, self.src_mask, self.cache = memory, src_mask, cache
+        self.group = 1  # rows of the search per row of memory (beam search: the beams of a source)
+
+    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
+        """Keep rows `rows`: beam search moves each beam's state along with it. The context (and
+        its projected keys and values) is the same for every beam of a source: it is kept once
+        per source, and its `group` consecutive rows attend to it."""
+        context_rows = None
+        if not within_prompts:
+            context_rows, self.group = shared_rows(rows, self.group)
+            self.memory = self.memory.index_select(0, context_rows)
+            if self.src_mask is not None:
+                self.src_mask = self.src_mask.index_select(0, context_rows)
+        if self.cache is not None:
+            self.cache.reorder(rows, context_rows)
+
+
+class TranslationNextToken(ContextNextToken):
     """Logits of the next target token for a batch of prefixes, given the encoded sources.
     The tokens never generated (`never`: pad, start) get −∞ logits, unless `ban` is False and
     the search bans them itself."""
@@ -39,9 +63,8 @@ class TranslationNextToken:
         # Sources without padding need no mask: the cross-attention then builds none at every step.
         if src_mask is not None and bool(src_mask.all()):
             src_mask = None
-        self.model, self.memory, self.src_mask = model, memory, src_mask
-        self.group = 1  # rows of the search per row of memory (beam search: the beams of a source)
-        self.cache = model.new_cache(max_len) if use_cache else None
+        super().__init__(memory, src_mask, model.new_cache(max_len) if use_cache else None)
+        self.model = model
         # The packed one-token step (fast.py), its weights checked once for the whole search.
         self.decode_step = model.decode_step.for_one_search() if use_cache and model.decode_step is not None else None
         config = model.config
@@ -57,19 +80,6 @@ class TranslationNextToken:
             hidden = self.model.decode(new, self.memory, self.src_mask, self.cache)  # (N, T_new, d_model)
             logits = self.model.logits(hidden[:, -1]).float()
         return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
-
-    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
-        """Keep rows `rows`: beam search moves each beam's state along with it. The encoder
-        output (and its projected keys and values) is the same for every beam of a source:
-        it is kept once per source, and its `group` consecutive rows attend to it."""
-        context_rows = None
-        if not within_prompts:
-            context_rows, self.group = shared_rows(rows, self.group)
-            self.memory = self.memory.index_select(0, context_rows)
-            if self.src_mask is not None:
-                self.src_mask = self.src_mask.index_select(0, context_rows)
-        if self.cache is not None:
-            self.cache.reorder(rows, context_rows)
 
 
 def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int, ban: bool = True):

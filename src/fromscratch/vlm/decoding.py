@@ -23,8 +23,8 @@ from contextlib import contextmanager
 import torch
 
 from fromscratch.blocks import beam_search, sample
-from fromscratch.blocks.search import shared_rows
 from fromscratch.errors import UserError
+from fromscratch.transformer.decoding import ContextNextToken
 
 
 @contextmanager
@@ -39,13 +39,13 @@ def evaluating(model):
         model.train(was_training)
 
 
-class ImageNextToken:
-    """Logits of the next token for a batch of prefixes, given the image patches they are about."""
+class ImageNextToken(ContextNextToken):
+    """Logits of the next token for a batch of prefixes, given the image patches they are about
+    (the context, kept once per image during beam search: `ContextNextToken`)."""
 
     def __init__(self, model, memory: torch.Tensor, use_cache: bool, max_len: int | None):
-        self.model, self.memory = model, memory  # memory (B, N, d_model)
-        self.group = 1  # rows of the search per row of memory (beam search: the beams of an image)
-        self.cache = model.new_cache(max_len) if use_cache else None
+        super().__init__(memory, None, model.new_cache(max_len) if use_cache else None)  # memory (B, N, d_model)
+        self.model = model
         c = model.config
         self.never = torch.tensor(sorted({c.pad_id, c.bos_id, c.sep_id, c.unk_id}), device=memory.device)
 
@@ -54,14 +54,6 @@ class ImageNextToken:
         new = prefix if self.cache is None else prefix[:, self.cache.length :]
         hidden, _ = self.model.decode(new, self.memory, self.cache)  # (N, T_new, d_model)
         return self.model.logits(hidden[:, -1]).float().index_fill(1, self.never, float("-inf"))
-
-    def reorder(self, rows: torch.Tensor, within_prompts: bool = False) -> None:
-        context_rows = None
-        if not within_prompts:  # the image patches are the same for every beam of an image: kept once
-            context_rows, self.group = shared_rows(rows, self.group)
-            self.memory = self.memory.index_select(0, context_rows)
-        if self.cache is not None:
-            self.cache.reorder(rows, context_rows)
 
 
 @torch.no_grad()
