@@ -199,9 +199,10 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
         # The best K extensions that did not end are the next step's beams, each in the row of
         # the beam it extends where it can (so that little of the state moves).
         beam_scores, i = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (b, K)
-        slots = stable_slots(top_beams.gather(1, i))
-        beam_scores, i = beam_scores.gather(1, slots), i.gather(1, slots)
-        rows = (first_row + top_beams.gather(1, i)).view(-1)
+        parents = top_beams.gather(1, i)
+        slots = stable_slots(parents)
+        beam_scores, i, parents = beam_scores.gather(1, slots), i.gather(1, slots), parents.gather(1, slots)
+        rows = (first_row + parents).view(-1)
         tokens = torch.cat([tokens[rows], top_tokens.gather(1, i).view(-1, 1)], dim=1)
         next_logits.reorder(rows, within_prompts=True)
 

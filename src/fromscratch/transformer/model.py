@@ -197,13 +197,9 @@ class EncoderLayer(ResidualLayer):
         if is_causal:  # the position sees itself and the positions before it
             seen = torch.arange(x.size(1), device=x.device) <= index[:, None]  # (B, S)
             mask = seen[:, None, None, :] if mask is None else mask & seen[:, None, None, :]
-        at = x[rows, index][:, None]  # (B, 1, d_model)
-        if self.norm_first:
-            context = self.norms[0](x)
-            at = at + self.dropout(self.self_attention(context[rows, index][:, None], context, mask=mask))
-        else:
-            at = self.norms[0](at + self.dropout(self.self_attention(at, x, mask=mask)))
-        return self.residual(at, 1, self.feed_forward)
+        context = self.norms[0](x) if self.norm_first else x  # what the sub-layer reads at every position
+        at = self.residual(x[rows, index][:, None], 0, lambda h: self.self_attention(h, context, mask=mask))
+        return self.residual(at, 1, self.feed_forward)  # (B, 1, d_model)
 
 
 class DecoderLayer(ResidualLayer):
