@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fromscratch.fast.dropout import Dropout
 from fromscratch.transformer import Transformer, TransformerConfig
 from fromscratch.transformer import fast
 from fromscratch.transformer.fast import PackedTransformer, accelerate
@@ -148,6 +149,26 @@ def test_accelerated_training_loss_and_gradients_equal_the_plain_ones(name):
     scale = max(float(p.grad.abs().max()) for p in plain.parameters())  # rounding grows with it
     for (name_, p), q in zip(plain.named_parameters(), accelerated.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5 * scale, rtol=1e-4, msg=name_)
+
+
+def test_accelerate_gives_every_dropout_the_cheaper_mask():
+    """Every nn.Dropout becomes fast.dropout.Dropout (a quarter of the random draws): active in
+    training, reproducible under a seed, the identity in eval mode."""
+    torch.manual_seed(0)
+    plain = Transformer(TransformerConfig.from_preset("tiny", vocab_size=40, dropout=0.3))
+    accelerated = accelerate(Transformer(plain.config))
+    accelerated.load_state_dict(plain.state_dict())
+    dropouts = [m for m in accelerated.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(type(m) is Dropout for m in dropouts)
+    src, tgt = _sources(), torch.randint(3, 40, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(accelerated.eval()(src, tgt), plain.eval()(src, tgt))
+        accelerated.train()
+        torch.manual_seed(1)
+        first = accelerated(src, tgt)
+        torch.manual_seed(1)
+        assert torch.equal(accelerated(src, tgt), first)
+        assert not torch.allclose(first, plain(src, tgt), atol=1e-3)
 
 
 def test_cpu_bfloat16_training_takes_the_written_out_attention_and_rounds_no_worse(monkeypatch):

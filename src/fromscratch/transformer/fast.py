@@ -5,7 +5,9 @@
 2. Fewer, larger kernels in training: each attention's projections that read the same input are
    one product (q|k|v in self-attention, k|v of the encoder output in cross-attention), and each
    `LayerNorm` becomes a `FastLayerNorm`, whose backward pass is written out (autograd through
-   `LayerNorm.forward` records seven operations and keeps their intermediates).
+   `LayerNorm.forward` records seven operations and keeps their intermediates), and each
+   nn.Dropout a `fromscratch.fast.dropout.Dropout`, whose mask takes a quarter of the random
+   draws (p rounded to a multiple of 1/65,536).
 3. Decoding one token at a time: `model.decode_step` becomes a `PackedDecoder`, which runs
    model.py's decoder layers for one position on a copy of their weights laid out for it
    (`fromscratch.fast.packed`: transposed, cut into column blocks that one `bmm` shares among the
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from fromscratch.blocks import scaled_dot_product_attention
 from fromscratch.fast.cross_entropy import linear_cross_entropy
+from fromscratch.fast.dropout import Dropout
 from fromscratch.fast.packed import PackedCopy, bias_blocks, blocked_matmul, packed
 from fromscratch.transformer.model import (
     DecoderLayer,
@@ -60,12 +63,15 @@ def accelerate(model: nn.Module) -> nn.Module:
 
 
 def swap_layers(model: nn.Module) -> None:
-    """Give every MultiHeadAttention and LayerNorm of `model` its fast class (which adds no state)."""
+    """Give every MultiHeadAttention, LayerNorm and nn.Dropout of `model` its fast class (which
+    adds no state)."""
     for module in model.modules():
         if type(module) is MultiHeadAttention:
             module.__class__ = FusedMultiHeadAttention
         elif type(module) is LayerNorm:
             module.__class__ = FastLayerNorm
+        elif type(module) is nn.Dropout:
+            module.__class__ = Dropout
 
 
 class FusedMultiHeadAttention(MultiHeadAttention):
