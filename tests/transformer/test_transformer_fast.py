@@ -151,6 +151,56 @@ def test_accelerated_training_loss_and_gradients_equal_the_plain_ones(name):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5 * scale, rtol=1e-4, msg=name_)
 
 
+@pytest.mark.parametrize("name", ["post-norm", "pre-norm", "marian-like"])
+@pytest.mark.parametrize("padded", ["both", "target"])  # "target": every source position is real (views)
+def test_padding_free_training_computes_only_real_positions_and_equals_the_plain_loss(name, padded):
+    """fast.padding_free_loss: the FFNs see the real positions only (here 25 of 33 source and 14
+    of 21 target positions); the loss equals the plain model's, and the loss and every gradient
+    equal those of the same fast kernels on the padded layout (the hook off)."""
+    plain, accelerated = accelerate(_model(**CONFIGS[name])).train(), accelerate(_model(**CONFIGS[name])).train()
+    assert accelerated.teacher_forced_loss is fast.padding_free_loss
+    plain.teacher_forced_loss = None
+    src = torch.randint(3, 40, (3, 11), generator=torch.Generator().manual_seed(3))
+    if padded == "both":
+        src[0, 4:], src[1, 10:] = 0, 0  # 4 + 10 + 11 real source positions
+    tgt = torch.randint(3, 40, (3, 8), generator=torch.Generator().manual_seed(4))
+    tgt_in, tgt_out = tgt[:, :-1].clone(), tgt[:, 1:].clone()
+    tgt_out[0, 2:], tgt_out[2, 5:] = 0, 0
+    tgt_in[0, 3:], tgt_in[2, 6:] = 0, 0  # the decoder's input is padded one position later
+    rows_seen = []
+    for layer in [*accelerated.encoder_layers, *accelerated.decoder_layers]:
+        layer.feed_forward.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[:-1]))
+    with torch.no_grad():
+        model_py = F.cross_entropy(_model(**CONFIGS[name])(src, tgt_in).flatten(0, 1), tgt_out.flatten(),
+                                   ignore_index=0, reduction="sum", label_smoothing=0.1)
+    expected = plain(src, tgt_in, targets=tgt_out, label_smoothing=0.1)
+    got = accelerated(src, tgt_in, targets=tgt_out, label_smoothing=0.1)
+    torch.testing.assert_close(got, model_py, atol=1e-4, rtol=1e-5)
+    n_src, n_tgt = int((src != 0).sum()), int((tgt_out != 0).sum())
+    assert (n_src, n_tgt) == (25 if padded == "both" else 33, 14)
+    assert rows_seen == [torch.Size([n_src])] * 2 + [torch.Size([n_tgt])] * 2
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    expected.backward()
+    got.backward()
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for (name_, p), q in zip(plain.named_parameters(), accelerated.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6 * scale, rtol=1e-5, msg=name_)
+
+
+def test_padding_free_training_leaves_unpadded_batches_and_unknown_layers_to_the_plain_route():
+    accelerated = accelerate(_model()).train()
+    rows_seen = []
+    accelerated.encoder_layers[0].feed_forward.register_forward_hook(
+        lambda m, args, out: rows_seen.append(args[0].shape))
+    src, tgt = torch.randint(3, 40, (2, 5)), torch.randint(3, 40, (2, 4))
+    accelerated(src, tgt[:, :-1], targets=tgt[:, 1:])
+    assert rows_seen == [torch.Size([2, 5, 64])]  # no padding: the (B, S, d) layout, no packing
+
+    model = _model()
+    model.encoder_layers[0].__class__ = type("Subclass", (model.encoder_layers[0].__class__,), {})
+    assert accelerate(model).teacher_forced_loss is None
+
+
 def test_accelerate_gives_every_dropout_the_cheaper_mask():
     """Every nn.Dropout becomes fast.dropout.Dropout (a quarter of the random draws): active in
     training, reproducible under a seed, the identity in eval mode."""

@@ -8,7 +8,12 @@
    `LayerNorm.forward` records seven operations and keeps their intermediates), and each
    nn.Dropout a `fromscratch.fast.dropout.Dropout`, whose mask takes a quarter of the random
    draws (p rounded to a multiple of 1/65,536).
-3. Decoding one token at a time: `model.decode_step` becomes a `PackedDecoder`, which runs
+3. No work on padding in training: `padding_free_loss` runs every position-wise step (the
+   products, norms, dropout and residuals of every layer, and the loss) on the real positions of
+   the batch only, and gives attention its padded (B, T) layout (`RealPositions`). A
+   length-sorted batch of `translate train` is ~6 % target padding; `bench/` pads a quarter of
+   its sources.
+4. Decoding one token at a time: `model.decode_step` becomes a `PackedDecoder`, which runs
    model.py's decoder layers for one position on a copy of their weights laid out for it
    (`fromscratch.fast.packed`: transposed, cut into column blocks that one `bmm` shares among the
    cores), with the self-attention's q|k|v fused into one product. On a CPU a one-token step is
@@ -23,7 +28,8 @@ and a resumed run would no longer be bit-for-bit the uninterrupted one.
 
 Only what it knows is accelerated: the packed step runs a model whose every decoder layer is
 model.py's `DecoderLayer` with its `MultiHeadAttention`, `FeedForward` and `LayerNorm`s;
-anything else leaves `decode_step` unset and decodes through `Transformer.decode`.
+anything else leaves `decode_step` unset and decodes through `Transformer.decode`. Likewise
+`padding_free_loss` takes only model.py's encoder and decoder layers (`padding_free_supported`).
 `tests/transformer/test_transformer_fast.py` checks each path against the plain model.
 """
 
@@ -39,6 +45,7 @@ from fromscratch.fast.dropout import Dropout
 from fromscratch.fast.packed import PackedCopy, bias_blocks, blocked_matmul, packed
 from fromscratch.transformer.model import (
     DecoderLayer,
+    EncoderLayer,
     FeedForward,
     LayerNorm,
     MultiHeadAttention,
@@ -58,6 +65,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     if not isinstance(model, Transformer):
         return model
     model.next_token_loss = fused_next_token_loss
+    model.teacher_forced_loss = padding_free_loss if padding_free_supported(model) else None
     model.decode_step = PackedDecoder(model) if PackedDecoder.supports(model) else None
     return model
 
@@ -80,14 +88,17 @@ class FusedMultiHeadAttention(MultiHeadAttention):
     joined at each call (a copy of d_model² numbers per projection, against a product of
     rows × d_model² multiply-adds), so the parameters stay the model's own."""
 
-    def forward(self, x, context, mask=None, is_causal=False, cache=None):
+    def forward(self, x, context, mask=None, is_causal=False, cache=None, rows=None, context_rows=None):
+        """MultiHeadAttention.forward; or, given `rows` and `context_rows` (`RealPositions`), x
+        (N, d_model) and context (M, d_model) hold only the real positions of a padded batch:
+        the projections run on those, the attention on the (B, T) layout. Returns x's shape."""
         if cache is not None or self.record_weights:  # decoding (the packed step does it) or figures
             return super().forward(x, context, mask, is_causal, cache)
         if context is x:
-            q, k, v = self._joined(x, self.q_proj, self.k_proj, self.v_proj).chunk(3, dim=-1)
+            q, k, v = RealPositions.unpack_if(rows, self._joined(x, self.q_proj, self.k_proj, self.v_proj)).chunk(3, -1)
         else:
-            q = self.q_proj(x)
-            k, v = self._joined(context, self.k_proj, self.v_proj).chunk(2, dim=-1)
+            q = RealPositions.unpack_if(rows, self.q_proj(x))
+            k, v = RealPositions.unpack_if(context_rows, self._joined(context, self.k_proj, self.v_proj)).chunk(2, -1)
         # PyTorch's CPU flash kernel is slow in bfloat16 (its backward 4-5× the written-out
         # QKᵀ, softmax, ·V at translation lengths: 14 ms against 3 ms for 60 × 4 heads × 25 × 64),
         # so CPU autocast takes the written-out form.
@@ -95,13 +106,87 @@ class FusedMultiHeadAttention(MultiHeadAttention):
         out = scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask,
                                            is_causal, use_sdpa=use_sdpa)
         b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, d_model)
+        return self.out_proj(out if rows is None else rows.pack(out))
 
     @staticmethod
     def _joined(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
         weight = torch.cat([layer.weight for layer in layers])
         bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
         return F.linear(x, weight, bias)
+
+
+class RealPositions:
+    """The real (non-padding) positions of a right-padded batch, laid end to end.
+
+    A linear layer, a LayerNorm, the FFN, dropout and the residual sums treat each position
+    alone, so on a padded batch they can run on the N real positions only, (N, d) instead of
+    (B, T, d); only attention needs the (B, T) layout, and gets it from `unpack` (zeros at
+    padding, which the masks hide). `pack` (B, T, …) → (N, …) and `unpack` (N, …) → (B, T, …)
+    are an index_select and an index_copy, both differentiable; views where nothing is padding."""
+
+    def __init__(self, real: torch.Tensor):  # (B, T) bool, True at real positions
+        self.batch_shape = real.shape
+        self.index = None if real.all() else real.flatten().nonzero().squeeze(1)  # (N,)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return x.flatten(0, 1)
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return x.view(*self.batch_shape, *x.shape[1:])
+        out = x.new_zeros(self.batch_shape.numel(), *x.shape[1:])
+        return out.index_copy(0, self.index, x).view(*self.batch_shape, *x.shape[1:])
+
+    @staticmethod
+    def unpack_if(rows: "RealPositions | None", x: torch.Tensor) -> torch.Tensor:
+        return x if rows is None else rows.unpack(x)
+
+
+def padding_free_supported(model: Transformer) -> bool:
+    """Whether every layer of `model` is one `padding_free_loss` knows (a subclass may compute
+    something else): model.py's layers, with the fused attention, the FFN and the LayerNorms."""
+    def known(layer, layer_type, attentions):
+        return (type(layer) is layer_type and all(type(a) is FusedMultiHeadAttention for a in attentions)
+                and type(layer.feed_forward) is FeedForward and all(type(n) in (LayerNorm, FastLayerNorm) for n in layer.norms))
+    return (all(known(layer, EncoderLayer, [layer.self_attention]) for layer in model.encoder_layers)
+            and all(known(layer, DecoderLayer, [layer.self_attention, layer.cross_attention])
+                    for layer in model.decoder_layers))
+
+
+def padding_free_loss(model: Transformer, src_ids, tgt_ids, targets, label_smoothing: float) -> torch.Tensor:
+    """`model(src_ids, tgt_ids, targets=targets, label_smoothing=...)` with every position-wise
+    step on the real positions only (`RealPositions`): the same value and gradients, without the
+    products, norms and dropout of the padding. model.py's layers, sub-layer by sub-layer, in
+    their order. A batch without padding (or under torch.compile, which cannot trace a number of
+    positions that depends on the data) takes the plain route."""
+    pad = model.config.pad_id
+    src_real, tgt_real = src_ids != pad, targets != pad
+    if torch.compiler.is_compiling() or (src_real.all() and tgt_real.all()):
+        memory, src_mask = model.encode(src_ids)
+        return model.next_token_loss(model.decode(tgt_ids, memory, src_mask), model.output_projection,
+                                     model.logits_bias, targets, pad, label_smoothing)
+    src_mask = src_real[:, None, None, :]
+    src_rows, tgt_rows = RealPositions(src_real), RealPositions(tgt_real)
+    x = src_rows.pack(model.embed(src_ids, model.src_embedding))  # (N_src, d_model)
+    for layer in model.encoder_layers:
+        x = layer.residual(x, 0, lambda h: layer.self_attention(h, h, mask=src_mask, rows=src_rows,
+                                                                context_rows=src_rows))
+        x = layer.residual(x, 1, layer.feed_forward)
+    memory = x if model.encoder_norm is None else model.encoder_norm(x)
+    y = tgt_rows.pack(model.embed(tgt_ids, model.tgt_embedding))  # (N_tgt, d_model)
+    for layer in model.decoder_layers:
+        y = layer.residual(y, 0, lambda h: layer.self_attention(h, h, is_causal=True, rows=tgt_rows,
+                                                                context_rows=tgt_rows))
+        y = layer.residual(y, 1, lambda h: layer.cross_attention(h, memory, mask=src_mask, rows=tgt_rows,
+                                                                 context_rows=src_rows))
+        y = layer.residual(y, 2, layer.feed_forward)
+    hidden = y if model.decoder_norm is None else model.decoder_norm(y)
+    return linear_cross_entropy(hidden, model.output_projection.weight, tgt_rows.pack(targets),
+                                ignore_index=pad, reduction="sum", bias=model.logits_bias,
+                                label_smoothing=label_smoothing)
 
 
 def centered_and_rstd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
