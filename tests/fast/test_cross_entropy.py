@@ -53,3 +53,17 @@ def test_label_smoothing_and_a_bias_equal_pytorch():
     torch.testing.assert_close(got, expected)
     for g, e in zip(torch.autograd.grad(got * 2.0, (h, weight, bias)), torch.autograd.grad(expected * 2.0, (h, weight, bias))):
         torch.testing.assert_close(g, e)
+
+
+
+def test_no_rows_give_a_zero_loss_and_zero_gradients():
+    """A batch with nothing to predict: the loss is 0 and ∂W is zeros, not uninitialised memory
+    (freed NaNs of ∂W's size first, which a fresh uninitialised tensor would likely reuse)."""
+    weight = torch.ones(30, 16, requires_grad=True)
+    h = torch.randn(0, 16, requires_grad=True)
+    nans = torch.full((30, 16), float("nan"))
+    del nans
+    got = linear_cross_entropy(h, weight, torch.zeros(0, dtype=torch.long), reduction="sum")
+    got.backward()
+    assert got.item() == 0.0
+    assert torch.equal(weight.grad, torch.zeros_like(weight))

@@ -55,7 +55,7 @@ def test_the_gradient_is_the_same_mask_and_scale():
 
 
 def test_masks_differ_between_calls_and_repeat_under_the_same_seed():
-    x = torch.ones(4096)
+    x = torch.ones(63, 65)  # not a multiple of four: the last word's spare numbers go unused
     torch.manual_seed(4)
     first, second = dropout(x, 0.5), dropout(x, 0.5)
     torch.manual_seed(4)

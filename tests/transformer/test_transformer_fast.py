@@ -155,7 +155,8 @@ def test_accelerated_training_loss_and_gradients_equal_the_plain_ones(name):
 @pytest.mark.parametrize("padded", ["both", "target"])  # "target": every source position is real (views)
 def test_padding_free_training_computes_only_real_positions_and_equals_the_plain_loss(name, padded):
     """fast.padding_free_loss: the FFNs see the real positions only (here 25 of 33 source and 14
-    of 21 target positions); the loss equals the plain model's, and the loss and every gradient
+    of 21 target positions, one of them a masked-out target inside its row, which the positions
+    after it still read); the loss equals the plain model's, and the loss and every gradient
     equal those of the same fast kernels on the padded layout (the hook off)."""
     plain, accelerated = accelerate(_model(**CONFIGS[name])).train(), accelerate(_model(**CONFIGS[name])).train()
     assert accelerated.teacher_forced_loss is fast.padding_free_loss
@@ -166,6 +167,7 @@ def test_padding_free_training_computes_only_real_positions_and_equals_the_plain
     tgt = torch.randint(3, 40, (3, 8), generator=torch.Generator().manual_seed(4))
     tgt_in, tgt_out = tgt[:, :-1].clone(), tgt[:, 1:].clone()
     tgt_out[0, 2:], tgt_out[2, 5:] = 0, 0
+    tgt_out[1, 3] = 0  # a masked-out target inside the row: its position still feeds the ones after it
     tgt_in[0, 3:], tgt_in[2, 6:] = 0, 0  # the decoder's input is padded one position later
     rows_seen = []
     for layer in [*accelerated.encoder_layers, *accelerated.decoder_layers]:
@@ -176,8 +178,8 @@ def test_padding_free_training_computes_only_real_positions_and_equals_the_plain
     expected = plain(src, tgt_in, targets=tgt_out, label_smoothing=0.1)
     got = accelerated(src, tgt_in, targets=tgt_out, label_smoothing=0.1)
     torch.testing.assert_close(got, model_py, atol=1e-4, rtol=1e-5)
-    n_src, n_tgt = int((src != 0).sum()), int((tgt_out != 0).sum())
-    assert (n_src, n_tgt) == (25 if padded == "both" else 33, 14)
+    n_src, n_tgt = int((src != 0).sum()), 2 + 7 + 5  # each row up to its last real target
+    assert n_src == (25 if padded == "both" else 33)
     assert rows_seen == [torch.Size([n_src])] * 2 + [torch.Size([n_tgt])] * 2
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     expected.backward()

@@ -34,7 +34,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab = w.size(0)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
-        grad_weight = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None
+        # The first chunk's product initialises ∂W; without rows there is none, and ∂W is 0.
+        new_grad_weight = torch.empty_like if h.size(0) else torch.zeros_like
+        grad_weight = new_grad_weight(weight, dtype=torch.float32) if needs_grad else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=h.device) if needs_grad and bias is not None else None
         # One (chunk_rows, vocab) buffer serves every chunk: a fresh one each time would cost page
         # faults on every chunk (each is tens of MB).

@@ -150,7 +150,7 @@ def padding_free_supported(model: Transformer) -> bool:
     something else): model.py's layers, with the fused attention, the FFN and the LayerNorms."""
     def known(layer, layer_type, attentions):
         return (type(layer) is layer_type and all(type(a) is FusedMultiHeadAttention for a in attentions)
-                and type(layer.feed_forward) is FeedForward and all(type(n) in (LayerNorm, FastLayerNorm) for n in layer.norms))
+                and type(layer.feed_forward) is FeedForward and all(type(n) in NORMS for n in layer.norms))
     return (all(known(layer, EncoderLayer, [layer.self_attention]) for layer in model.encoder_layers)
             and all(known(layer, DecoderLayer, [layer.self_attention, layer.cross_attention])
                     for layer in model.decoder_layers))
@@ -163,11 +163,22 @@ def padding_free_loss(model: Transformer, src_ids, tgt_ids, targets, label_smoot
     their order. A batch without padding (or under torch.compile, which cannot trace a number of
     positions that depends on the data) takes the plain route."""
     pad = model.config.pad_id
-    src_real, tgt_real = src_ids != pad, targets != pad
-    if torch.compiler.is_compiling() or (src_real.all() and tgt_real.all()):
+
+    def plain_route():
         memory, src_mask = model.encode(src_ids)
         return model.next_token_loss(model.decode(tgt_ids, memory, src_mask), model.output_projection,
                                      model.logits_bias, targets, pad, label_smoothing)
+
+    if torch.compiler.is_compiling():
+        return plain_route()
+    # A source position that is padding is hidden from every query, so nothing reads it. A target
+    # position is dropped only after the row's last real target: a padding target inside the row
+    # (a masked-out token) still feeds the positions after it.
+    src_real = src_ids != pad
+    tgt_lengths = ((targets != pad) * torch.arange(1, targets.size(1) + 1, device=targets.device)).amax(dim=1)
+    tgt_real = torch.arange(targets.size(1), device=targets.device) < tgt_lengths[:, None]  # (B, T)
+    if src_real.all() and tgt_real.all():
+        return plain_route()
     src_mask = src_real[:, None, None, :]
     src_rows, tgt_rows = RealPositions(src_real), RealPositions(tgt_real)
     x = src_rows.pack(model.embed(src_ids, model.src_embedding))  # (N_src, d_model)
