@@ -38,7 +38,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None)  # every one of the 64 bits uniform (random_() alone leaves the sign bit 0)
     numbers = words.view(torch.int16)[:n].view(shape)  # uniform on −32,768 … 32,767
-    return numbers >= round(p * LEVELS) - LEVELS // 2
+    return numbers >= int(dropped_fraction(p) * LEVELS) - LEVELS // 2
 
 
 class _Dropout(torch.autograd.Function):

@@ -156,21 +156,15 @@ def padding_free_supported(model: Transformer) -> bool:
                     for layer in model.decoder_layers))
 
 
-def padding_free_loss(model: Transformer, src_ids, tgt_ids, targets, label_smoothing: float) -> torch.Tensor:
+def padding_free_loss(model: Transformer, src_ids, tgt_ids, targets, label_smoothing: float) -> torch.Tensor | None:
     """`model(src_ids, tgt_ids, targets=targets, label_smoothing=...)` with every position-wise
     step on the real positions only (`RealPositions`): the same value and gradients, without the
     products, norms and dropout of the padding. model.py's layers, sub-layer by sub-layer, in
-    their order. A batch without padding (or under torch.compile, which cannot trace a number of
-    positions that depends on the data) takes the plain route."""
-    pad = model.config.pad_id
-
-    def plain_route():
-        memory, src_mask = model.encode(src_ids)
-        return model.next_token_loss(model.decode(tgt_ids, memory, src_mask), model.output_projection,
-                                     model.logits_bias, targets, pad, label_smoothing)
-
+    their order. Returns None for a batch without padding, or under torch.compile (which cannot
+    trace a number of positions that depends on the data): `forward` then takes its own route."""
     if torch.compiler.is_compiling():
-        return plain_route()
+        return None
+    pad = model.config.pad_id
     # A source position that is padding is hidden from every query, so nothing reads it. A target
     # position is dropped only after the row's last real target: a padding target inside the row
     # (a masked-out token) still feeds the positions after it.
@@ -178,7 +172,7 @@ def padding_free_loss(model: Transformer, src_ids, tgt_ids, targets, label_smoot
     tgt_lengths = ((targets != pad) * torch.arange(1, targets.size(1) + 1, device=targets.device)).amax(dim=1)
     tgt_real = torch.arange(targets.size(1), device=targets.device) < tgt_lengths[:, None]  # (B, T)
     if src_real.all() and tgt_real.all():
-        return plain_route()
+        return None
     src_mask = src_real[:, None, None, :]
     src_rows, tgt_rows = RealPositions(src_real), RealPositions(tgt_real)
     x = src_rows.pack(model.embed(src_ids, model.src_embedding))  # (N_src, d_model)

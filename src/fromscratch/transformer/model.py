@@ -291,8 +291,8 @@ class Transformer(nn.Module):
         # Hooks for the opt-in fast paths (fast.accelerate): the loss of forward(targets=...), a
         # plain function it replaces by one computing the same without the (B, T, vocab) logits;
         # the whole of forward(targets=...), which it computes on the real (non-padding)
-        # positions only (None: encode, decode, next_token_loss); and a faster one-token
-        # decoding step for generate (None: decode() does it).
+        # positions only (unset, or returning None: encode, decode, next_token_loss); and a
+        # faster one-token decoding step for generate (None: decode() does it).
         self.next_token_loss = next_token_loss
         self.teacher_forced_loss = None
         self.decode_step = None
@@ -360,7 +360,9 @@ class Transformer(nn.Module):
         position; or, given the targets (B, T), the label-smoothed cross-entropy summed over the
         non-padding targets (§5.4; training calls it this way because DDP only sees forward)."""
         if targets is not None and self.teacher_forced_loss is not None:
-            return self.teacher_forced_loss(self, src_ids, tgt_ids, targets, label_smoothing)
+            loss = self.teacher_forced_loss(self, src_ids, tgt_ids, targets, label_smoothing)
+            if loss is not None:  # None: nothing to gain on this batch, the route below takes it
+                return loss
         memory, src_mask = self.encode(src_ids)
         hidden = self.decode(tgt_ids, memory, src_mask)
         if targets is not None:
