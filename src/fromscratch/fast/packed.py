@@ -30,7 +30,9 @@ def blocked_matmul(x: torch.Tensor, blocks: torch.Tensor, bias_blocks: torch.Ten
         out = torch.bmm(rows, blocks)  # (n_blocks, B, out/n_blocks)
     else:  # the bias added inside the product's kernel: one operation instead of two
         out = torch.baddbmm(bias_blocks, rows, blocks)
-    return out.transpose(0, 1).reshape(x.size(0), n_blocks * block_out)  # a view when B == 1
+    if x.size(0) == 1:  # (n_blocks, 1, out/n_blocks) is already the row's layout: one view
+        return out.view(1, n_blocks * block_out)
+    return out.transpose(0, 1).reshape(x.size(0), n_blocks * block_out)
 
 
 def bias_blocks(bias: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
