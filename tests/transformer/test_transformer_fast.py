@@ -43,7 +43,9 @@ def test_packed_step_equals_the_decoder(name, rows, monkeypatch):
         monkeypatch.setattr(fast, "PACKED_ROWS", 0)
         monkeypatch.setattr(fast, "VAR_MEAN_ROWS", 0)
     model = _model(**CONFIGS[name])
-    src = _sources()[:1] if rows == "one" else _sources()  # one row: the products' outputs are views
+    # One row (a padded source): the products' outputs are views, and the cross-attention is folded
+    # (4 heads × 9 source tokens < d_model 64).
+    src = _sources()[1:2] if rows == "one" else _sources()
     prefix = torch.randint(3, 40, (src.size(0), 8))
     with torch.no_grad():
         memory, src_mask = model.encode(src)
@@ -52,6 +54,21 @@ def test_packed_step_equals_the_decoder(name, rows, monkeypatch):
         steps = torch.stack([packed.step(prefix[:, t], memory, src_mask, cache) for t in range(8)], dim=1)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
     assert cache.length == 8
+    assert all((layer.folded is not None) == (rows == "one") for layer in packed.layers)
+
+
+def test_folded_cross_attention_follows_each_search_and_only_where_it_streams_less():
+    """One source at a time, each search folds its own source (a stale fold would attend to the
+    previous one); a source of d_k tokens or more (4 heads × 16 ≥ d_model 64) is not folded."""
+    plain, accelerated = _model(), accelerate(_model())
+    torch.manual_seed(2)
+    for length in (9, 5, 16, 20):
+        src = torch.randint(3, 40, (1, length))
+        for beam_size in (1, 4):
+            assert torch.equal(accelerated.generate(src, max_new_tokens=12, beam_size=beam_size),
+                               plain.generate(src, max_new_tokens=12, beam_size=beam_size))
+        folded = accelerated.decode_step.packed.layers[0].folded
+        assert (folded is not None and folded[1].src_len == length) == (length < 16)
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])

@@ -19,7 +19,10 @@
    cores), with the self-attention's q|k|v fused into one product. On a CPU a one-token step is
    bound by how fast the weights stream from memory, and that layout streams them 3–4× faster
    than nn.Linear's (docs/performance.md). For many rows at once (a wide beam, a large batch) the
-   step is compute-bound instead and the products go through the model's own layers.
+   step is compute-bound instead and the products go through the model's own layers. Decoding
+   one source (`translate run` of a sentence, greedy or beam), the cross-attention's query and
+   output projections are folded with the source's keys and values into two smaller products
+   (`FoldedCrossAttention`), when the source is shorter than d_k tokens.
 
 Unlike Llama's, it leaves the linear layers to MKL: `gemm.Linear` gives oneDNN at most 32
 distinct product shapes per process (each costs memory never freed), and token-bucket batches
@@ -299,6 +302,43 @@ def _linear(*layers: nn.Linear) -> PackedLinear:
     return PackedLinear(weight, bias)
 
 
+class FoldedCrossAttention:
+    """Cross-attention of a decoding step's rows to one source, folded into two products.
+
+    The source's keys K_h and values V_h of head h (S × d_k each) are fixed for a whole search, so
+
+        scores_h = (x W_h^Q + b_h^Q) K_hᵀ / √d_k = x (W_h^Q K_hᵀ / √d_k) + b_h^Q K_hᵀ / √d_k
+        output   = Σ_h softmax(scores_h) (V_h W_h^O) + b^O
+
+    (W_h^Q: the d_model × d_k columns of head h; W_h^O: its d_k × d_model rows). The query
+    projection and the keys become one d_model → h·S product, the values and the output
+    projection one h·S → d_model product, and no attention kernel runs. A step streams
+    2·d_model·h·S weights instead of the two projections' 2·d_model², fewer whenever h·S < d_model:
+    a source shorter than d_k tokens. A padded key gets the most negative finite score through
+    the bias, as `scaled_dot_product_attention` masks it."""
+
+    def __init__(self, query: PackedLinear, out: PackedLinear, keys: torch.Tensor, values: torch.Tensor,
+                 src_mask: torch.Tensor | None):
+        keys, values = keys[0], values[0]  # (n_heads, S, d_k): the one source's
+        n_heads, src_len, head_dim = keys.shape
+        scale = 1 / math.sqrt(head_dim)
+        query_weight = query.weight.view(n_heads, head_dim, -1)  # W_h^Q as nn.Linear holds it: (h, d_k, d_model)
+        score_weight = torch.bmm(keys, query_weight).mul_(scale).view(n_heads * src_len, -1)  # (h·S, d_model)
+        score_bias = torch.bmm(keys, query.bias.view(n_heads, head_dim, 1)).mul_(scale).view(-1)  # (h·S,)
+        if src_mask is not None:
+            padded = ~src_mask.reshape(-1).repeat(n_heads)
+            score_bias = score_bias.masked_fill(padded, torch.finfo(score_bias.dtype).min)
+        out_weight = out.weight.view(-1, n_heads, head_dim).permute(1, 2, 0)  # W_h^O: (h, d_k, d_model)
+        value_weight = torch.bmm(values, out_weight).view(n_heads * src_len, -1)  # V_h W_h^O: (h·S, d_model)
+        self.scores = PackedLinear(score_weight, score_bias)
+        self.output = PackedLinear(value_weight.t(), out.bias)  # as nn.Linear's (out, in)
+        self.n_heads, self.src_len = n_heads, src_len
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, d_model) → (B, d_model)
+        scores = self.scores(x).view(x.size(0), self.n_heads, self.src_len)
+        return self.output(scores.softmax(dim=-1).view(x.size(0), -1))
+
+
 class PackedDecoderLayer:
     """`DecoderLayer.forward` for one position: its products packed, its LayerNorm modules."""
 
@@ -313,6 +353,7 @@ class PackedDecoderLayer:
         self.cross_q, self.cross_out = _linear(cross.q_proj), _linear(cross.out_proj)
         self.cross_k, self.cross_v = cross.k_proj, cross.v_proj  # projected once, on the first step
         self.w_1, self.w_2, self.activation = _linear(ffn.w_1), _linear(ffn.w_2), ffn.activation
+        self.folded = None  # (the source's keys, their FoldedCrossAttention), for one source
 
     def residual(self, x: torch.Tensor, i: int, sublayer) -> torch.Tensor:
         """`ResidualLayer.residual` in eval mode (no dropout)."""
@@ -336,6 +377,10 @@ class PackedDecoderLayer:
             split = lambda t: t.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
             cross.update(self.layer_index, split(self.cross_k(memory)), split(self.cross_v(memory)))
         keys, values = cross.keys[self.layer_index], cross.values[self.layer_index]
+        if keys.size(0) == 1 and keys.size(2) < self.head_dim:  # one source of fewer than d_k tokens
+            if self.folded is None or self.folded[0] is not keys:  # once a search (and after a reorder)
+                self.folded = keys, FoldedCrossAttention(self.cross_q, self.cross_out, keys, values, src_mask)
+            return self.folded[1](x)
         out = scaled_dot_product_attention(self.heads(self.cross_q(x)), keys, values, src_mask, use_sdpa=self.use_sdpa)
         return self.cross_out(out.reshape(x.size(0), -1))
 
