@@ -264,7 +264,7 @@ def fused_next_token_loss(hidden, output_projection, logits_bias, targets, ignor
 def decoding_norm(norm: LayerNorm):
     """`norm` (model.py's LayerNorm) for the rows of one decoding step. For a few rows, in six
     kernels instead of `FastLayerNorm`'s eight, the statistics in one `var_mean` pass: at batch 1
-    a `base` token's ~400 small kernels, not their arithmetic, cost ~1.5 ms of its ~5. For more
+    the launches of a step's small kernels, not their arithmetic, are what costs. For more
     rows `var_mean` is the slower (256 × 256: 237 µs against 42 µs, measured), so a beam
     search's many rows take `FastLayerNorm`'s two passes."""
     weight, bias, eps = norm.weight.detach(), norm.bias.detach(), norm.eps
@@ -353,7 +353,7 @@ class PackedDecoderLayer:
         self.cross_q, self.cross_out = _linear(cross.q_proj), _linear(cross.out_proj)
         self.cross_k, self.cross_v = cross.k_proj, cross.v_proj  # projected once, on the first step
         self.w_1, self.w_2, self.activation = _linear(ffn.w_1), _linear(ffn.w_2), ffn.activation
-        self.folded = None  # (the source's keys, their FoldedCrossAttention), for one source
+        self.folded = None  # (keys, their FoldedCrossAttention) of the last one-source search: ~1 MB a `base` layer
 
     def residual(self, x: torch.Tensor, i: int, sublayer) -> torch.Tensor:
         """`ResidualLayer.residual` in eval mode (no dropout)."""
