@@ -55,7 +55,6 @@ def test_label_smoothing_and_a_bias_equal_pytorch():
         torch.testing.assert_close(g, e)
 
 
-
 def test_no_rows_give_a_zero_loss_and_zero_gradients():
     """A batch with nothing to predict: the loss is 0 and ∂W is zeros, not uninitialised memory
     (freed NaNs of ∂W's size first, which a fresh uninitialised tensor would likely reuse)."""

@@ -262,20 +262,19 @@ def fused_next_token_loss(hidden, output_projection, logits_bias, targets, ignor
 
 
 def decoding_norm(norm: LayerNorm):
-    """`norm` (model.py's LayerNorm) for the rows of one decoding step. For a few rows, in six
-    kernels instead of `FastLayerNorm`'s eight, the statistics in one `var_mean` pass: at batch 1
-    the launches of a step's small kernels, not their arithmetic, are what costs. For more
-    rows `var_mean` is the slower (256 × 256: 237 µs against 42 µs, measured), so a beam
-    search's many rows take `FastLayerNorm`'s two passes."""
-    weight, bias, eps = norm.weight.detach(), norm.bias.detach(), norm.eps
-    eps_tensor = torch.tensor(eps, dtype=weight.dtype)  # a Python float would be converted at every call
+    """`norm` (one of NORMS) for the rows of one decoding step. For a few rows, in six kernels
+    instead of `FastLayerNorm`'s eight, the statistics in one `var_mean` pass: at batch 1 the
+    launches of a step's small kernels, not their arithmetic, are what costs. For more rows
+    `var_mean` is the slower (256 × 256: 237 µs against 42 µs, measured), so a beam search's many
+    rows take the module's own forward (after `accelerate`, `FastLayerNorm`'s two passes)."""
+    weight, bias = norm.weight.detach(), norm.bias.detach()
+    eps = torch.tensor(norm.eps, dtype=weight.dtype)  # a Python float would be converted at every call
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (B, d_model) → (B, d_model)
-        if x.size(0) <= VAR_MEAN_ROWS:
-            var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-            return torch.addcmul(bias, (x - mean).mul_(var.add_(eps_tensor).rsqrt_()), weight)
-        centered, rstd = centered_and_rstd(x, eps)
-        return torch.addcmul(bias, centered.mul_(rstd), weight)
+        if x.size(0) > VAR_MEAN_ROWS:
+            return norm.forward(x)  # no Module.__call__ hooks on the way
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        return torch.addcmul(bias, (x - mean).mul_(var.add_(eps).rsqrt_()), weight)
 
     return forward
 
