@@ -39,6 +39,21 @@ def make_task(corpora, tokenizer, seed=0, batch_tokens=300, bleu_samples=8, **kw
                             bleu_samples=bleu_samples, **kw)
 
 
+def test_max_tokens_shapes_the_training_pairs_and_the_validation_pairs_stay_whole(corpora, tokenizer):
+    """--max-tokens skips long training pairs; validation skips only what the model's position
+    table cannot hold, so that a run's validation loss is on the same pairs whatever the limit."""
+    train, valid = corpora
+    lengths = [max(len(tokenizer.encode(s)), len(tokenizer.encode(t))) for s, t in zip(valid.src, valid.tgt)]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the validation pairs are longer
+    task = make_task(corpora, tokenizer, max_tokens=limit + 1)
+    whole = make_task(corpora, tokenizer)
+    assert task.max_tokens == limit
+    assert 0 < len(task.train_pairs) < len(whole.train_pairs)
+    assert max(task.train_pairs.src_lengths.max(), task.train_pairs.tgt_lengths.max()) <= limit
+    assert len(task.valid_pairs) == len(whole.valid_pairs) == sum(n <= 63 for n in lengths)
+    assert max(lengths) > limit
+
+
 def engine_config(out, **kw):
     settings = dict(out_dir=str(out), max_steps=16, lr=1.0, warmup_steps=8, noam_d_model=32, eval_every=8,
                     save_every=8, batch_size=1, device="cpu")
@@ -221,11 +236,14 @@ def test_train_with_no_settings_takes_the_cpu_recipe_and_a_given_flag_wins(tmp_p
     expected = TransformerConfig.from_preset(cpu["model"]["preset"], norm_first=cpu["model"]["norm_first"])
     assert (run["model_config"]["d_model"], run["model_config"]["norm_first"]) == (expected.d_model, True)
     assert {name: run["train_config"][name] for name in cpu["engine"]} == cpu["engine"]
-    train("demo:train", "demo:test", tmp_path / "given", preset="tiny", lr=0.5, max_steps=1, bleu_samples=0,
-          device="cpu")
+    data = json.loads((tmp_path / "recipe" / "translate_data.json").read_text())
+    assert data["max_tokens"] == cpu["model"]["max_tokens"] - 1  # a side and its </s> (or <s>) fit
+    train("demo:train", "demo:test", tmp_path / "given", preset="tiny", lr=0.5, max_tokens=32, max_steps=1,
+          bleu_samples=0, device="cpu")
     run = json.loads((tmp_path / "given" / "run.json").read_text())
     assert run["model_config"]["d_model"] == TransformerConfig.from_preset("tiny").d_model
     assert run["train_config"]["lr"] == 0.5 and run["train_config"]["warmup_steps"] == cpu["engine"]["warmup_steps"]
+    assert json.loads((tmp_path / "given" / "translate_data.json").read_text())["max_tokens"] == 31
 
 
 def two_file_corpus():

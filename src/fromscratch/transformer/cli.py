@@ -46,8 +46,9 @@ def register(subparsers) -> None:
     train_p.add_argument("--batch-tokens", type=int, default=None,
                          help="padded tokens per side in a batch (default: recipe's; §5.1 has 25000); "
                               "replaces --batch-size")
-    train_p.add_argument("--max-tokens", type=int, default=256,
-                         help="skip training pairs with a side longer than this many tokens (default: 256)")
+    train_p.add_argument("--max-tokens", type=int, default=None,
+                         help="skip training pairs with a side longer than this many tokens, its end token "
+                              "included (default: the device's recipe: 64 on a CPU, 256 on a GPU)")
     train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     train_p.add_argument("--norm-first", action=argparse.BooleanOptionalAction, default=None,
                          help="pre-norm layers (Xiong et al. 2020); --no-norm-first: the paper's post-norm")

@@ -104,11 +104,13 @@ class TranslationTask:
             torch.manual_seed(seed)
             self.model = accelerate(Transformer(model_config))  # the opt-in fast paths: fast.py
 
-        self.train_pairs, keep = self._encode(train, "training")
+        self.train_pairs, keep = self._encode(train, "training", self.max_tokens)
         # An epoch's pairs: each kept pair once, or as many times as --repeat asks for its corpus.
         self.epoch_pairs = np.repeat(np.arange(len(keep)), repeat_counts(train.origins, repeats)[keep]) \
             if repeats else np.arange(len(keep))
-        self.valid_pairs, keep = self._encode(valid, "validation")
+        # Validation skips only what the model cannot read: --max-tokens shapes the training data,
+        # and the dev split is scored whole.
+        self.valid_pairs, keep = self._encode(valid, "validation", model_config.max_seq_len - 1)
         self.valid_src_text = [valid.src[i] for i in keep]
         self.valid_ref_text = [valid.tgt[i] for i in keep]
         self.schedule = TokenBatchSchedule(self.train_pairs.src_lengths[self.epoch_pairs] + 1,
@@ -131,12 +133,12 @@ class TranslationTask:
         if repeats:  # only then, so that runs made before --repeat existed still resume
             self.fingerprint["repeats"] = dict(sorted(repeats.items()))
 
-    def _encode(self, corpus: ParallelCorpus, what: str) -> tuple[TokenizedPairs, list[int]]:
-        """Token ids of the pairs that fit max_tokens, and their indices in `corpus`."""
+    def _encode(self, corpus: ParallelCorpus, what: str, max_tokens: int) -> tuple[TokenizedPairs, list[int]]:
+        """Token ids of the pairs with both sides at most `max_tokens` long, and their indices in `corpus`."""
         pairs = TokenizedPairs.encode(corpus, self.tokenizer)
-        keep, _ = filter_long_pairs(pairs.src_lengths, pairs.tgt_lengths, corpus.origins, self.max_tokens)
+        keep, _ = filter_long_pairs(pairs.src_lengths, pairs.tgt_lengths, corpus.origins, max_tokens)
         if not keep:
-            raise UserError(f"no {what} pair is at most {self.max_tokens} tokens long")
+            raise UserError(f"no {what} pair is at most {max_tokens} tokens long")
         return (pairs if len(keep) == len(pairs) else pairs.select(keep)), keep
 
     # --- what the engine calls -------------------------------------------------------------
@@ -233,13 +235,18 @@ def _sha256(*columns: list[str]) -> str:
 # (§5.3, Table 3) in bfloat16 with torch.compile. On a CPU, what trains best in an hour on two
 # cores (bench/translate_ablations.py; the Transformer README's ablation table): the `small`
 # model, pre-norm layers with a higher learning rate, smaller batches, more frequent checkpoints
-# (averaged at evaluation, §6.1), in float32: bfloat16 autocast was no better in an hour. Dropout
-# 0, over-sampled conversational corpora and a cooldown won at ten minutes but lost over the hour
-# together (README), so they stay flags (--dropout, --repeat, --cooldown), not the recipe.
+# (averaged at evaluation, §6.1), training pairs of at most 64 tokens a side (short sentences like
+# the dev split's film dialogue: better in two hours of two seeds), a 4,000-token vocabulary (the
+# best hour of all, one run; Sennrich & Zhang 2019 found fewer merges better for little data), in
+# float32: bfloat16 autocast was no better in an hour. Dropout 0, over-sampled conversational
+# corpora and a cooldown won at ten minutes but lost over the hour together (README), so they stay
+# flags (--dropout, --repeat, --cooldown), not the recipe.
 RECIPES = {
-    "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, norm_first=False, dropout=None),
+    "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
+                           dropout=None),
                 engine=dict(dtype="bfloat16", compile=True)),
-    "cpu": dict(model=dict(preset="small", vocab_size=8000, batch_tokens=1500, norm_first=True, dropout=None),
+    "cpu": dict(model=dict(preset="small", vocab_size=4000, batch_tokens=1500, max_tokens=64, norm_first=True,
+                           dropout=None),
                 engine=dict(lr=1.0, warmup_steps=400, eval_every=500, save_every=250, keep_last=5)),
 }
 
@@ -252,7 +259,7 @@ def recipe(device: str = "auto") -> dict:
 
 
 def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | None = None,
-          vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int = 256,
+          vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int | None = None,
           dropout: float | None = None, norm_first: bool | None = None, bleu_samples: int = 200,
           repeats: dict[str, int] | None = None, command: list[str] | None = None, **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
@@ -265,9 +272,11 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
     """
     defaults = recipe(engine.get("device") or "auto")
-    given = dict(preset=preset, vocab_size=vocab_size, batch_tokens=batch_tokens, norm_first=norm_first, dropout=dropout)
+    given = dict(preset=preset, vocab_size=vocab_size, batch_tokens=batch_tokens, max_tokens=max_tokens,
+                 norm_first=norm_first, dropout=dropout)
     settings = {name: value if value is not None else defaults["model"][name] for name, value in given.items()}
     preset, vocab_size, batch_tokens = settings["preset"], settings["vocab_size"], settings["batch_tokens"]
+    max_tokens = settings["max_tokens"]
     engine = {**defaults["engine"], **{k: v for k, v in engine.items() if v is not None}}
     if vocab_size < 260:
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 260")
