@@ -275,8 +275,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     given = dict(preset=preset, vocab_size=vocab_size, batch_tokens=batch_tokens, max_tokens=max_tokens,
                  norm_first=norm_first, dropout=dropout)
     settings = {name: value if value is not None else defaults["model"][name] for name, value in given.items()}
-    preset, vocab_size, batch_tokens = settings["preset"], settings["vocab_size"], settings["batch_tokens"]
-    max_tokens = settings["max_tokens"]
+    preset, vocab_size, batch_tokens, max_tokens = (settings[name] for name in
+                                                    ("preset", "vocab_size", "batch_tokens", "max_tokens"))
     engine = {**defaults["engine"], **{k: v for k, v in engine.items() if v is not None}}
     if vocab_size < 260:
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 260")
