@@ -77,3 +77,23 @@ def test_load_errors_are_user_errors(tmp_path):
 def test_too_small_vocabulary_is_refused():
     with pytest.raises(UserError, match="at least 260"):
         BPETokenizer.train(["a b c"], vocab_size=100)
+
+
+def test_a_source_tag_is_one_special_token_that_saving_keeps(corpora, tmp_path):
+    """--tag NAME: <NAME> is id 4, the source prefix; plain encoding is unchanged, the tag is
+    never split by BPE, and a loaded tokenizer has the same prefix. Without a tag there is none."""
+    train, held_out = corpora
+    tagged = BPETokenizer.train(train.src[:2000] + train.tgt[:2000], vocab_size=1000, source_tag="tatoeba")
+    plain = BPETokenizer.train(train.src[:2000] + train.tgt[:2000], vocab_size=1000)
+    assert tagged.source_prefix == [4] and tagged.tokenizer.id_to_token(4) == "<tatoeba>"
+    assert tagged.source_tag == "tatoeba" and tagged.vocab_size == plain.vocab_size == 1000
+    assert plain.source_prefix == [] and plain.source_tag is None
+    lines = held_out.src[:50]
+    assert 4 not in {i for row in tagged.encode_batch(lines) for i in row}  # no BPE piece of text is the tag
+    assert tagged.decode(tagged.encode(lines[0])) == lines[0]
+    loaded = BPETokenizer.load(tagged.save(tmp_path))
+    assert loaded.source_prefix == [4] and loaded.source_tag == "tatoeba"
+    assert loaded.encode_batch(lines) == tagged.encode_batch(lines)
+    for bad in ("", "two words", "<x>"):
+        with pytest.raises(UserError, match="--tag"):
+            BPETokenizer.train(["a b c"], vocab_size=300, source_tag=bad)

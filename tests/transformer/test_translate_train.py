@@ -289,3 +289,54 @@ def test_repeat_counts_take_the_longest_matching_name_and_refuse_bad_names():
     for bad in ("tatoeba", "tatoeba=0", "=3", "tatoeba=two", "tatoeba=-1"):
         with pytest.raises(UserError, match="expected NAME=N"):
             parse_repeats([bad])
+
+
+def test_tag_starts_the_sources_of_its_corpus_and_every_validation_and_translated_source(corpora):
+    """--tag short: the "short" file's training sources start with <short>, the "long" file's do
+    not, every validation source does, and `translate` gives the model every source with it."""
+    from fromscratch.transformer.data import tagged_pairs
+    from fromscratch.transformer.translation import translate
+
+    _, valid = corpora
+    train = two_file_corpus()
+    tokenizer = BPETokenizer.train(train.src + train.tgt + valid.src + valid.tgt, vocab_size=400, source_tag="short")
+    tag = tokenizer.source_prefix
+    assert tag == [4]
+    task = make_task((train, valid), tokenizer, batch_tokens=40)
+    for i, text in enumerate(train.src):
+        expected = (tag if i < 4 else []) + tokenizer.encode(text)
+        assert task.train_pairs.source(i).tolist() == expected
+        assert task.train_pairs.target(i).tolist() == tokenizer.encode(train.tgt[i])  # targets have no tag
+    assert all(task.valid_pairs.source(i)[0] == 4 for i in range(len(task.valid_pairs)))
+    assert task.fingerprint["tag"] == "short" and "tag" not in make_task(corpora, BPETokenizer.train(
+        train.src + train.tgt, vocab_size=300)).fingerprint
+    assert tagged_pairs(train.origins, "short").tolist() == [True] * 4 + [False] * 8
+    with pytest.raises(UserError, match=r"--tag tatoeba: no training corpus file name starts with that"):
+        tagged_pairs(train.origins, "tatoeba")
+
+    seen = []
+
+    class Recorder(Oracle):
+        def generate(self, src, beam_size=1, length_penalty=0.6):
+            seen.extend(src.tolist())
+            return torch.full((len(src), 1), 2)
+
+    translate(Recorder(tokenizer, []), tokenizer, valid.src[:5], beam_size=1)
+    assert sorted(tuple(i for i in row if i) for row in seen) == \
+        sorted(tuple(tag + tokenizer.encode(s) + [2]) for s in valid.src[:5])
+
+
+def test_train_with_a_tag_keeps_it_in_the_run_and_refuses_to_resume_without_it(tmp_path):
+    """`train(..., tag=NAME)`: the run's tokenizer carries <NAME>, so `load_translator` translates
+    with it; resuming with another tag (or none) is refused before any work."""
+    from fromscratch.transformer import train
+
+    out = tmp_path / "tagged"
+    settings = dict(preset="tiny", vocab_size=300, max_steps=1, bleu_samples=0, device="cpu")
+    train("demo:train", "demo:test", out, tag="every", **settings)
+    _, tokenizer = load_translator(out)
+    assert tokenizer.source_tag == "every" and tokenizer.source_prefix == [4]
+    with pytest.raises(UserError, match="trained with --tag every, not no --tag"):
+        train("demo:train", "demo:test", out, resume=True, **{**settings, "max_steps": 2})
+    with pytest.raises(UserError, match="--tag tatoeba: no training corpus file name starts with that"):
+        train("demo:train", "demo:test", tmp_path / "other", tag="tatoeba", **settings)

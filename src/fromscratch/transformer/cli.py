@@ -56,6 +56,10 @@ def register(subparsers) -> None:
     train_p.add_argument("--repeat", nargs="+", default=[], metavar="NAME=N",
                          help="put the pairs of each training file whose name starts with NAME N times into "
                               "every epoch (over-sampling a corpus; e.g. --repeat tatoeba=4 iwslt17=2)")
+    train_p.add_argument("--tag", default=None, metavar="NAME",
+                         help="put the token <NAME> before the sources of the training files whose name starts with "
+                              "NAME, and before every source the model validates and translates: it learns that "
+                              "corpus's style and translates in it (e.g. --tag tatoeba; Sennrich et al. 2016)")
     train_p.add_argument("--bleu-samples", type=int, default=200,
                          help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
     add_train_arguments(train_p, paper_train_config())
@@ -101,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train(args.train, args.valid, args.out, preset=args.preset, vocab_size=args.vocab_size,
                    batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, dropout=args.dropout,
                    norm_first=args.norm_first, bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat),
+                   tag=args.tag,
                    command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
 

@@ -343,18 +343,31 @@ def parse_repeats(specs: Iterable[str]) -> dict[str, int]:
     return repeats
 
 
+def _file_matches(origins: Origins, names: Sequence[str], flag: str) -> list[str | None]:
+    """For each file of `origins.names`, the longest of `names` its file name starts with (None:
+    none of them). A NAME that matches no file is an error naming `flag`."""
+    files = [Path(name).name for name in origins.names]
+    matches = [[name for name in names if file.startswith(name)] for file in files]
+    unmatched = [name for name in names if not any(name in found for found in matches)]
+    if unmatched:
+        raise UserError(f"{flag} {', '.join(unmatched)}: no training corpus file name starts with that "
+                        f"(files: {', '.join(sorted(files))})")
+    return [max(found, key=len) if found else None for found in matches]
+
+
 def repeat_counts(origins: Origins, repeats: dict[str, int]) -> np.ndarray:
     """How many times each pair enters an epoch: `repeats[NAME]` for a pair read from a file whose
     name starts with NAME (the longest such NAME), once for the others. Over-sampling a corpus
     this way repeats its indices in the batch plan, never its text or tokens."""
-    files = [Path(name).name for name in origins.names]
-    matches = [[name for name in repeats if file.startswith(name)] for file in files]  # per origins.names
-    unmatched = [name for name in repeats if not any(name in found for found in matches)]
-    if unmatched:
-        raise UserError(f"--repeat {', '.join(unmatched)}: no training corpus file name starts with that "
-                        f"(files: {', '.join(sorted(files))})")
-    per_file = [repeats[max(found, key=len)] if found else 1 for found in matches]
+    per_file = [repeats[name] if name else 1 for name in _file_matches(origins, list(repeats), "--repeat")]
     return np.array(per_file or [1], dtype=np.int64)[origins.name_of_each()]
+
+
+def tagged_pairs(origins: Origins, tag: str) -> np.ndarray:
+    """Whether each pair was read from a file whose name starts with `tag` (`--tag NAME`: those
+    sources get the tag token)."""
+    per_file = [name is not None for name in _file_matches(origins, [tag], "--tag")]
+    return np.array(per_file or [False], dtype=bool)[origins.name_of_each()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,14 +383,21 @@ class TokenizedPairs:
         self.src, self.src_offsets, self.tgt, self.tgt_offsets = src, src_offsets, tgt, tgt_offsets
 
     @classmethod
-    def encode(cls, corpus: ParallelCorpus, tokenizer, chunk_pairs: int = 4096) -> "TokenizedPairs":
-        """Tokenize `corpus` a chunk of pairs at a time (only one chunk's Python lists exist at once)."""
+    def encode(cls, corpus: ParallelCorpus, tokenizer, chunk_pairs: int = 4096,
+               tagged: np.ndarray | bool = False) -> "TokenizedPairs":
+        """Tokenize `corpus` a chunk of pairs at a time (only one chunk's Python lists exist at once).
+        The sources of the `tagged` pairs (a mask, or True: all) start with the tokenizer's
+        `source_prefix`, its source tag."""
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        prefix = list(getattr(tokenizer, "source_prefix", ()))
+        tagged = np.broadcast_to(np.asarray(tagged, dtype=bool), (len(corpus),)) if prefix else None
         sides = []
-        for texts in (corpus.src, corpus.tgt):
+        for side, texts in enumerate((corpus.src, corpus.tgt)):
             chunks, lengths = [], []
             for start in range(0, len(texts), chunk_pairs):
                 ids = tokenizer.encode_batch(texts[start:start + chunk_pairs])
+                if side == 0 and tagged is not None:
+                    ids = [prefix + row if tag else row for row, tag in zip(ids, tagged[start:start + chunk_pairs])]
                 lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
                 chunks.append(np.fromiter((t for row in ids for t in row), dtype=dtype))
             flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype)

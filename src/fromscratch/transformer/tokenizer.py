@@ -9,9 +9,14 @@ Built with Hugging Face `tokenizers`:
   produced and `decode(encode(s)) == s` exactly;
 - a space is prepended to every sentence (and removed again on decoding) so that a word is the
   same token at the start of a sentence as inside it;
-- special tokens <pad>=0, <s>=1, </s>=2, <unk>=3, the ids `TransformerConfig` expects.
+- special tokens <pad>=0, <s>=1, </s>=2, <unk>=3, the ids `TransformerConfig` expects;
+- optionally a source tag <NAME>=4 (`translate train --tag NAME`): the token a tagged source
+  starts with (side constraints, Sennrich et al. 2016; domain tags, Kobus et al. 2017). It is kept
+  in tokenizer.json as the template of `encode(text, add_special_tokens=True)`, so a saved run
+  translates with it; `source_prefix` holds its id.
 
-`encode` returns the BPE ids only; adding </s> and <s> is the batcher's job (`data.collate`).
+`encode` returns the BPE ids only; adding </s> and <s> is the batcher's job (`data.collate`), and
+adding the source tag that of the training data (`data.TokenizedPairs`) and of `translate`.
 """
 
 from __future__ import annotations
@@ -20,13 +25,20 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from fromscratch.errors import UserError
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3 in this order
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def tag_token(name: str) -> str:
+    """The special token of source tag `name`: <name>."""
+    if not name or any(c.isspace() or c in "<>" for c in name):
+        raise UserError(f"--tag {name!r}: a tag is a corpus file name's start, without spaces or < >")
+    return f"<{name}>"
 
 
 class BPETokenizer:
@@ -39,12 +51,17 @@ class BPETokenizer:
             if tokenizer.token_to_id(tok) != i:
                 raise UserError(f"tokenizer has {tok} at id {tokenizer.token_to_id(tok)}, expected {i}")
         self.tokenizer = tokenizer
+        # What the template puts before a source: [] or the id of its tag.
+        self.source_prefix: list[int] = tokenizer.encode("", add_special_tokens=True).ids
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> "BPETokenizer":
-        """Learn BPE merges on `texts` (pass both languages) until `vocab_size` tokens."""
+    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2,
+              source_tag: str | None = None) -> "BPETokenizer":
+        """Learn BPE merges on `texts` (pass both languages) until `vocab_size` tokens. With
+        `source_tag` NAME, the special token <NAME> (id 4) is the source prefix (module docstring)."""
         if vocab_size < len(SPECIAL_TOKENS) + 256:
             raise UserError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least 260")
+        tag = None if source_tag is None else tag_token(source_tag)
         tok = Tokenizer(models.BPE(unk_token=UNK))
         tok.normalizer = normalizers.Prepend(" ")
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,12 +69,20 @@ class BPETokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=SPECIAL_TOKENS,
+            special_tokens=SPECIAL_TOKENS + ([tag] if tag else []),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer)
+        if tag:
+            tok.post_processor = processors.TemplateProcessing(single=f"{tag} $A",
+                                                               special_tokens=[(tag, len(SPECIAL_TOKENS))])
         return cls(tok)
+
+    @property
+    def source_tag(self) -> str | None:
+        """The NAME of the source tag <NAME>, or None."""
+        return self.tokenizer.id_to_token(self.source_prefix[0])[1:-1] if self.source_prefix else None
 
     @property
     def vocab_size(self) -> int:

@@ -44,11 +44,12 @@ from fromscratch.transformer.data import (
     filter_long_pairs,
     load_corpora,
     repeat_counts,
+    tagged_pairs,
     token_batches,
 )
 from fromscratch.transformer.fast import accelerate
 from fromscratch.transformer.model import Transformer
-from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer
+from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer, tag_token
 from fromscratch.transformer.translation import evaluate_bleu
 
 LABEL_SMOOTHING = 0.1  # ε_ls, §5.4
@@ -104,13 +105,17 @@ class TranslationTask:
             torch.manual_seed(seed)
             self.model = accelerate(Transformer(model_config))  # the opt-in fast paths: fast.py
 
-        self.train_pairs, keep = self._encode(train, "training", self.max_tokens)
+        # With a source tag (`--tag NAME`, held by the tokenizer) the sources of NAME's files start
+        # with it, and so does every validation source: the model is scored in the style it is steered to.
+        tag = tokenizer.source_tag
+        self.train_pairs, keep = self._encode(train, "training", self.max_tokens,
+                                              tagged_pairs(train.origins, tag) if tag else False)
         # An epoch's pairs: each kept pair once, or as many times as --repeat asks for its corpus.
         self.epoch_pairs = np.repeat(np.arange(len(keep)), repeat_counts(train.origins, repeats)[keep]) \
             if repeats else np.arange(len(keep))
         # Validation skips only what the model cannot read: --max-tokens shapes the training data,
         # and the dev split is scored whole.
-        self.valid_pairs, keep = self._encode(valid, "validation", model_config.max_seq_len - 1)
+        self.valid_pairs, keep = self._encode(valid, "validation", model_config.max_seq_len - 1, tagged=True)
         self.valid_src_text = [valid.src[i] for i in keep]
         self.valid_ref_text = [valid.tgt[i] for i in keep]
         self.schedule = TokenBatchSchedule(self.train_pairs.src_lengths[self.epoch_pairs] + 1,
@@ -132,10 +137,14 @@ class TranslationTask:
         }
         if repeats:  # only then, so that runs made before --repeat existed still resume
             self.fingerprint["repeats"] = dict(sorted(repeats.items()))
+        if tag:
+            self.fingerprint["tag"] = tag
 
-    def _encode(self, corpus: ParallelCorpus, what: str, max_tokens: int) -> tuple[TokenizedPairs, list[int]]:
-        """Token ids of the pairs with both sides at most `max_tokens` long, and their indices in `corpus`."""
-        pairs = TokenizedPairs.encode(corpus, self.tokenizer)
+    def _encode(self, corpus: ParallelCorpus, what: str, max_tokens: int,
+                tagged: np.ndarray | bool = False) -> tuple[TokenizedPairs, list[int]]:
+        """Token ids of the pairs with both sides at most `max_tokens` long, and their indices in
+        `corpus`; the `tagged` pairs' sources start with the source tag."""
+        pairs = TokenizedPairs.encode(corpus, self.tokenizer, tagged=tagged)
         keep, _ = filter_long_pairs(pairs.src_lengths, pairs.tgt_lengths, corpus.origins, max_tokens)
         if not keep:
             raise UserError(f"no {what} pair is at most {max_tokens} tokens long")
@@ -261,7 +270,8 @@ def recipe(device: str = "auto") -> dict:
 def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | None = None,
           vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int | None = None,
           dropout: float | None = None, norm_first: bool | None = None, bleu_samples: int = 200,
-          repeats: dict[str, int] | None = None, command: list[str] | None = None, **engine) -> dict:
+          repeats: dict[str, int] | None = None, tag: str | None = None, command: list[str] | None = None,
+          **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
     `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
     `out`. A setting left None takes the device's recipe (`RECIPES`: on a CPU the one-hour recipe,
@@ -269,6 +279,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     multiplier on the noam schedule —, `warmup_steps`, `max_minutes`, `resume`, ...;
     `fromscratch.engine.TrainConfig`). `repeats`: {NAME: N} puts the pairs of each training file
     whose name starts with NAME N times into every epoch (`--repeat tatoeba=4`; `data.repeat_counts`).
+    `tag`: NAME puts the token <NAME> before the sources of the files whose name starts with NAME
+    and before every source the run validates and translates (`--tag tatoeba`; tokenizer.py).
     Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
     """
     defaults = recipe(engine.get("device") or "auto")
@@ -290,12 +302,19 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     train_corpus = load_corpora([train] if isinstance(train, str) else list(train))
     if repeats:
         repeat_counts(train_corpus.origins, repeats)  # a NAME that matches no file fails now
+    if tag:
+        tagged_pairs(train_corpus.origins, tag)  # the same for the tag, and a malformed one
+        tag_token(tag)
     valid_corpus = load_corpora([valid])
     out = Path(out)
     if config.resume and (out / TOKENIZER_FILE).exists():
         tokenizer = BPETokenizer.load(out / TOKENIZER_FILE)  # the run's own, not a retrained one
+        if tokenizer.source_tag != tag:
+            raise UserError(f"--resume: {out} was trained with {_tag_flag(tokenizer.source_tag)}, "
+                            f"not {_tag_flag(tag)}; repeat the original flags or use a new --out")
     else:
-        tokenizer = BPETokenizer.train(chain(train_corpus.src, train_corpus.tgt), vocab_size=vocab_size)
+        tokenizer = BPETokenizer.train(chain(train_corpus.src, train_corpus.tgt), vocab_size=vocab_size,
+                                       source_tag=tag)
     model_config = TransformerConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
     task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
                            seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples, repeats=repeats)
@@ -309,6 +328,10 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
           f"vocab {tokenizer.vocab_size}; {sum(p.numel() for p in task.model.parameters()):,} parameters",
           file=sys.stderr)
     return Trainer(task, config, command=command).fit()
+
+
+def _tag_flag(tag: str | None) -> str:
+    return f"--tag {tag}" if tag else "no --tag"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,11 +84,12 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
         return []
     report = report or logger.warning
     device = next(model.parameters()).device
-    limit = model.config.max_seq_len - 1  # room for </s>
+    prefix = list(getattr(tokenizer, "source_prefix", ()))  # a source tag (`translate train --tag`), if any
+    limit = model.config.max_seq_len - 1 - len(prefix)  # room for </s> and the tag
     pieces_of_line: list[list[list[int]]] = []
     for number, line in enumerate(lines, start=1):
         ids = tokenizer.encode(line)
-        pieces = split_to_fit(line, ids, tokenizer, limit)
+        pieces = [prefix + piece for piece in split_to_fit(line, ids, tokenizer, limit)]
         if len(pieces) > 1:
             which = f"line {number}" if len(lines) > 1 else "the input"
             report(f"{which} is {len(ids)} tokens long, more than the model's context of {limit}: "
