@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fromscratch.blocks import KVCache, beam_search, gnmt_length_penalty, sample, scaled_dot_product_attention
-from fromscratch.blocks.search import stable_slots
+from fromscratch.blocks.search import ban_repeated_ngrams, stable_slots
 from fromscratch.errors import UserError
 
 
@@ -301,3 +301,19 @@ def test_beam_search_drops_prompts_that_are_done_and_finds_what_it_found_before(
     for b in range(5):
         alone = beam_search(MarkovChain(table, 1), prompts[b:b + 1], 12, beam_size=3, eos_id=0, pad_id=0)
         assert together[b, :alone.size(1)].tolist() == alone[0].tolist()
+
+
+def test_ban_repeated_ngrams_bans_exactly_the_tokens_that_would_complete_a_seen_ngram():
+    """Row [5, 6, 7, 5, 6]: with n = 3, 7 would repeat (5, 6, 7); with n = 2, 7 (after 6) again;
+    with n = 1 every token seen; a row shorter than n bans nothing. Checked against every n-gram
+    written out by hand."""
+    tokens = torch.tensor([[5, 6, 7, 5, 6], [1, 2, 3, 4, 1]])
+    for n in (1, 2, 3, 4, 5, 6):
+        scores = ban_repeated_ngrams(torch.zeros(2, 9), tokens, n)
+        for row, seq in enumerate(tokens.tolist()):
+            seen = {tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)}
+            expected = {v for v in range(9) if tuple(seq[len(seq) - n + 1:] + [v]) in seen} if n <= len(seq) else set()
+            assert {v for v in range(9) if scores[row, v] == float("-inf")} == expected, (n, row)
+    assert ban_repeated_ngrams(torch.zeros(2, 9), tokens, 3)[0].isinf().nonzero().flatten().tolist() == [7]
+    assert ban_repeated_ngrams(torch.zeros(2, 9), tokens, 2)[1].isinf().nonzero().flatten().tolist() == [2]
+    assert not ban_repeated_ngrams(torch.zeros(2, 9), tokens, 0).isinf().any()

@@ -485,3 +485,31 @@ def test_a_directory_of_another_model_is_refused(tmp_path, capsys):
     assert main(["translate", "run", "--checkpoint", str(tmp_path), "hello"]) == 2
     error = capsys.readouterr().err
     assert "model_type 'llama' is not a Marian model" in error and error.count("\n") == 1
+
+
+def _repeats_an_ngram(row: list[int], n: int) -> bool:
+    ngrams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+    return len(ngrams) != len(set(ngrams))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_translations_equal_generate(tmp_path, trained, n):
+    """no_repeat_ngram_size n: greedy and beam-4 (hf style) translations equal transformers'
+    `generate(no_repeat_ngram_size=n)`; the option changes outputs that repeated an n-gram, and no
+    output repeats one (the decoder's start token counts, as in transformers)."""
+    changed = 0
+    for name, hf in {"trained": trained, "random": random_marian(7)}.items():
+        ours = Transformer.from_pretrained(save(hf, tmp_path / name))
+        src = sources(seed=3)
+        for beams in (1, 4):
+            style = dict(length_penalty_style="hf") if beams > 1 else {}
+            expected = hf_generate(hf, src, num_beams=beams, max_new_tokens=14, no_repeat_ngram_size=n)
+            got = ours.generate(src, max_new_tokens=14, beam_size=beams, length_penalty=1.0,
+                                no_repeat_ngram_size=n, **style)
+            assert got.shape == expected.shape and torch.equal(got, expected), (name, beams)
+            plain = ours.generate(src, max_new_tokens=14, beam_size=beams, length_penalty=1.0, **style)
+            changed += plain.shape != got.shape or not torch.equal(plain, got)
+            for row in got.tolist():
+                start = [ours.config.start_id]
+                assert not _repeats_an_ngram(start + (row[: row.index(EOS) + 1] if EOS in row else row), n)
+    assert changed >= 2

@@ -82,6 +82,14 @@ def test_eval_last_line_is_bleu_and_chrf(run_dir, data, tmp_path):
     single = run_dir / "checkpoints" / "step-00000010"
     result = fromscratch("translate", "eval", "--checkpoint", single, "--test", data["test"], "--beam", "1")
     assert re.fullmatch(r"BLEU \d+\.\d\d chrF \d+\.\d\d", result.stdout.splitlines()[-1])
+    # Decoding options: no bigram twice in any translation, and a length penalty.
+    result = fromscratch("translate", "eval", "--checkpoint", run_dir, "--test", data["test"], "--beam", "2",
+                         "--no-repeat-ngram", "2", "--length-penalty", "1.0", "--output", out_file)
+    for line in out_file.read_text(encoding="utf-8").splitlines():
+        words = line.split()
+        assert len(set(zip(words, words[1:]))) == len(words) - 1 or not words, line
+    bad = fromscratch("translate", "run", "--checkpoint", run_dir, "--no-repeat-ngram", "-1", "Hi.", check=False)
+    assert bad.returncode == 2 and "--no-repeat-ngram must be 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow

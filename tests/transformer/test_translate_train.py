@@ -328,7 +328,7 @@ def test_tag_starts_the_sources_of_its_corpus_and_every_validation_and_translate
 
 def test_train_with_a_tag_keeps_it_in_the_run_and_refuses_to_resume_without_it(tmp_path):
     """`train(..., tag=NAME)`: the run's tokenizer carries <NAME>, so `load_translator` translates
-    with it; resuming with another tag (or none) is refused before any work."""
+    with it; resuming with another tag (or none) is refused before any work; "auto" names a file."""
     from fromscratch.transformer import train
 
     out = tmp_path / "tagged"
@@ -340,3 +340,26 @@ def test_train_with_a_tag_keeps_it_in_the_run_and_refuses_to_resume_without_it(t
         train("demo:train", "demo:test", out, resume=True, **{**settings, "max_steps": 2})
     with pytest.raises(UserError, match="--tag tatoeba: no training corpus file name starts with that"):
         train("demo:train", "demo:test", tmp_path / "other", tag="tatoeba", **settings)
+    train("demo:train", "demo:test", tmp_path / "auto", tag="auto", **settings)  # the one training file
+    assert load_translator(tmp_path / "auto")[1].source_tag == "everyday"
+
+
+def test_tag_auto_picks_the_training_file_whose_words_are_most_like_the_validation_targets():
+    """closest_corpus: the file whose unigram model (interpolated with all files') gives the
+    validation targets the lowest cross-entropy, named without its language suffix; the smaller
+    file wins when its words are the validation set's."""
+    from fromscratch.transformer.data import ParallelCorpus, closest_corpus
+
+    train = ParallelCorpus([], [])
+    for i in range(40):
+        train.add(f"The ministry reported growth {i}.", f"Kementerian melaporkan pertumbuhan ekonomi {i} persen.",
+                  "data/news.en", i + 1)
+    for i in range(6):
+        train.add("I love you.", "Aku cinta kamu.", "data/chat.en", i + 1)
+    valid = ParallelCorpus(["You and I.", "I miss you."], ["Kamu dan aku.", "Aku rindu kamu."], ["dev.en:1", "dev.en:2"])
+    name, entropy = closest_corpus(train, valid)
+    assert name == "chat" and set(entropy) == {"chat", "news"} and entropy["chat"] < entropy["news"]
+    formal = ParallelCorpus(["Growth."], ["Pertumbuhan ekonomi kementerian."], ["dev.en:1"])
+    assert closest_corpus(train, formal)[0] == "news"
+    with pytest.raises(UserError, match="no words"):
+        closest_corpus(train, ParallelCorpus([""], [""], ["dev.en:1"]))

@@ -24,6 +24,11 @@ heuristic: a longer continuation could still have won); at the length limit the 
 candidates all count as finished, EOS or not. The tokens passed as `banned` are set to −∞ after
 the log-softmax, as transformers' `bad_words_ids` does, so the others keep their unnormalised
 log-probabilities.
+
+Both searches can forbid repetition: with `no_repeat_ngram_size` n, a token that would complete an
+n-gram its row already holds (prompt included) gets −∞, after the log-softmax in beam search and
+on the logits in `sample`: transformers' `no_repeat_ngram_size` (`ban_repeated_ngrams`). A weak
+model's beams otherwise fall into loops ("saya, saya, saya, …").
 """
 
 from collections.abc import Callable
@@ -50,9 +55,10 @@ class NextTokenLogits(Protocol):
 def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
            eos_id: int | None = None, fill_id: int | None = None,
-           stream: Callable[[list[int | None]], None] | None = None) -> torch.Tensor:
+           stream: Callable[[list[int | None]], None] | None = None, no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Extend every row of `prompt` (B, t₀) token by token: greedy when temperature is 0, else
-    sampled with temperature / top-k / top-p (`sample_next_token`).
+    sampled with temperature / top-k / top-p (`sample_next_token`), never repeating an n-gram
+    of `no_repeat_ngram_size` tokens when that is over 0.
 
     A row that has produced `eos_id` is finished: its later positions hold `fill_id` (default
     `eos_id`), and decoding stops once every row is finished. `stream` is called after every step
@@ -66,7 +72,10 @@ def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: i
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     end = prompt_len  # tokens[:, :end] are filled
     while end < prompt_len + max_new_tokens:
-        token = sample_next_token(next_logits(tokens[:, :end]), temperature, top_k, top_p, generator)  # (B,)
+        logits = next_logits(tokens[:, :end])  # (B, V)
+        if no_repeat_ngram_size:
+            logits = ban_repeated_ngrams(logits.clone(), tokens[:, :end], no_repeat_ngram_size)
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(finished, fill_id)
         tokens[:, end] = token
@@ -78,6 +87,20 @@ def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: i
             if finished.all():
                 break
     return tokens[:, :end]
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """Set to −∞, in place, the scores (N, V) of each row's tokens that would complete an n-gram
+    (n ≥ 1) already in the row's tokens (N, t); returns `scores`."""
+    t = tokens.size(1)
+    if n < 1 or t < n:
+        return scores
+    ngrams = tokens.unfold(1, n, 1)  # (N, t − n + 1, n): every n-gram so far
+    tail = tokens[:, t - n + 1:]  # (N, n − 1): what the next token would complete
+    repeats = (ngrams[:, :, :-1] == tail[:, None, :]).all(dim=2)  # (N, t − n + 1)
+    rows, where = repeats.nonzero(as_tuple=True)
+    scores[rows, ngrams[rows, where, -1]] = float("-inf")
+    return scores
 
 
 def shared_rows(rows: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
@@ -122,13 +145,14 @@ def hf_length_penalty(length: int, alpha: float) -> float:
 @torch.no_grad()
 def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, beam_size: int = 4,
                 alpha: float = 0.6, eos_id: int | None = None, pad_id: int = 0, length_penalty_style: str = "gnmt",
-                banned: torch.Tensor | None = None) -> torch.Tensor:
+                banned: torch.Tensor | None = None, no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Keep the `beam_size` most probable continuations of every prompt, all prompts batched.
 
     prompt (B, t₀) → (B, L): each prompt's finished hypothesis of highest log P / lp (the new
     tokens only, EOS included, right-padded with pad_id); a prompt with none finished after
-    max_new_tokens gets its best unfinished beam. `length_penalty_style` "gnmt" or "hf" and
-    `banned` (token ids never produced) are explained in the module docstring.
+    max_new_tokens gets its best unfinished beam. `length_penalty_style` "gnmt" or "hf",
+    `banned` (token ids never produced) and `no_repeat_ngram_size` are explained in the module
+    docstring.
     """
     if length_penalty_style not in LENGTH_PENALTY_STYLES:
         raise UserError(f"length_penalty_style {length_penalty_style!r}: "
@@ -144,6 +168,8 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
         log_probs = next_logits(tokens).log_softmax(dim=-1)  # (N, V), a new tensor
         if banned is not None:
             log_probs.index_fill_(1, banned, float("-inf"))
+        if no_repeat_ngram_size:
+            ban_repeated_ngrams(log_probs, tokens, no_repeat_ngram_size)
         return log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)
 
     device = prompt.device

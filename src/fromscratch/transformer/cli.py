@@ -59,7 +59,8 @@ def register(subparsers) -> None:
     train_p.add_argument("--tag", default=None, metavar="NAME",
                          help="put the token <NAME> before the sources of the training files whose name starts with "
                               "NAME, and before every source the model validates and translates: it learns that "
-                              "corpus's style and translates in it (e.g. --tag tatoeba; Sennrich et al. 2016)")
+                              "corpus's style and translates in it (e.g. --tag tatoeba; Sennrich et al. 2016); auto: the "
+                              "training file whose words are most like the validation targets'")
     train_p.add_argument("--bleu-samples", type=int, default=200,
                          help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
     add_train_arguments(train_p, paper_train_config())
@@ -85,6 +86,7 @@ def register(subparsers) -> None:
     eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, one per line")
     eval_p.add_argument("--average", type=int, default=None, metavar="N",
                         help="the mean of the run's last N checkpoints (§6.1), not its best one")
+    add_decoding_arguments(eval_p)
     eval_p.add_argument("--device", default="auto")
     eval_p.set_defaults(func=cmd_eval)
 
@@ -97,8 +99,23 @@ def register(subparsers) -> None:
     run_p.add_argument("--device", default="auto")
     run_p.add_argument("--average", type=int, default=None, metavar="N",
                        help="the mean of the run's last N checkpoints (§6.1), not its best one")
+    add_decoding_arguments(run_p)
     run_p.add_argument("text", nargs="*", metavar="TEXT", help="English sentences (default: read standard input)")
     run_p.set_defaults(func=cmd_run)
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--length-penalty", type=float, default=0.6, metavar="ALPHA",
+                        help="beam search ranks by log P / ((5 + length) / 6)^ALPHA (default: 0.6, §6.1)")
+    parser.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                        help="never produce an N-gram twice in a translation (default: 0, off)")
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    _check_beam(args.beam)
+    if args.no_repeat_ngram < 0:
+        raise UserError(f"--no-repeat-ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
+    return dict(beam_size=args.beam, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -120,26 +137,26 @@ def _note(message: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    _check_beam(args.beam)
+    decoding = _decoding(args)
     test = load_corpora([args.test], max_chars=None)
     model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
     print(f"{len(test)} pairs from {args.test}, beam {args.beam}", file=sys.stderr)
-    scores = evaluate_bleu(model, tokenizer, test.src, test.tgt, beam_size=args.beam, batch_size=args.batch_size)
+    scores = evaluate_bleu(model, tokenizer, test.src, test.tgt, batch_size=args.batch_size, **decoding)
     if args.output:
         Path(args.output).write_text("".join(h + "\n" for h in scores["hypotheses"]), encoding="utf-8")
     print(f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    _check_beam(args.beam)
+    decoding = _decoding(args)
     texts = [checked_text(text, f"argument {i}") for i, text in enumerate(args.text, start=1)]
     model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
     if texts:
-        for line in translate(model, tokenizer, texts, beam_size=args.beam, report=_note):
+        for line in translate(model, tokenizer, texts, report=_note, **decoding):
             print(line, flush=True)
         return
     # One line at a time, so a pipe gets each translation as soon as it is ready.
     for number, line in enumerate(stdin_lines(), start=1):
         text = line.strip()
         report = lambda message: _note(f"standard input, line {number}: {message}")  # noqa: E731
-        print(translate(model, tokenizer, [text], beam_size=args.beam, report=report)[0] if text else "", flush=True)
+        print(translate(model, tokenizer, [text], report=report, **decoding)[0] if text else "", flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -368,6 +369,34 @@ def tagged_pairs(origins: Origins, tag: str) -> np.ndarray:
     sources get the tag token)."""
     per_file = [name is not None for name in _file_matches(origins, [tag], "--tag")]
     return np.array(per_file or [False], dtype=bool)[origins.name_of_each()]
+
+
+def closest_corpus(train: ParallelCorpus, valid: ParallelCorpus, weight: float = 0.5) -> tuple[str, dict[str, float]]:
+    """The training file whose target side is most like the validation targets (`--tag auto`):
+    the lowest cross-entropy, in nats per word, of the validation targets' lower-cased words under
+    each file's unigram model interpolated with the whole training set's (Jelinek–Mercer, `weight`
+    on the file's; the background add-one smoothed). Selecting data by a language model's
+    cross-entropy on in-domain text is Moore & Lewis's (2010) method, here per file. Returns the
+    file's name without its language suffix, and every file's cross-entropy by that name."""
+    names = [Path(name).stem for name in train.origins.names]
+    counts = {name: Counter() for name in names}  # files of one name (in two folders) count as one
+    for text, which in zip(train.tgt, train.origins.name_of_each()):
+        counts[names[which]].update(text.lower().split())
+    background = sum(counts.values(), Counter())
+    valid_words = Counter(word for text in valid.tgt for word in text.lower().split())
+    if not valid_words:
+        raise UserError("--tag auto: the validation targets have no words to compare the training files with")
+    vocabulary = len(background.keys() | valid_words.keys())
+    total = sum(background.values())
+    words = list(valid_words)
+    frequency = np.array([valid_words[w] for w in words], dtype=np.float64)
+    p_background = (np.array([background[w] for w in words], dtype=np.float64) + 1) / (total + vocabulary)
+    entropy = {}
+    for name, count in counts.items():
+        n = max(sum(count.values()), 1)
+        p = weight * np.array([count[w] for w in words], dtype=np.float64) / n + (1 - weight) * p_background
+        entropy[name] = float(-(frequency * np.log(p)).sum() / frequency.sum())
+    return min(entropy, key=entropy.get), entropy
 
 
 # ---------------------------------------------------------------------------------------------

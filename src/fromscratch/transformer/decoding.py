@@ -93,20 +93,21 @@ def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int, b
 @torch.no_grad()
 def greedy_decode(model, src_ids, max_new_tokens: int, use_cache: bool = True, stop_at_eos: bool = True,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, no_repeat_ngram_size: int = 0):
     """Pick the most likely token at every step (or sample, when temperature > 0).
     src_ids (B, S) → (B, L), L ≤ max_new_tokens. stop_at_eos=False always runs max_new_tokens
-    steps (for benchmarks)."""
+    steps (for benchmarks). no_repeat_ngram_size n > 0: never repeat an n-gram (blocks/search.py)."""
     config = model.config
     next_token, start = _start(model, src_ids, use_cache, max_new_tokens)
     tokens = sample(next_token, start, max_new_tokens, temperature, top_k, top_p, generator,
-                    eos_id=config.eos_id if stop_at_eos else None, fill_id=config.pad_id)
+                    eos_id=config.eos_id if stop_at_eos else None, fill_id=config.pad_id,
+                    no_repeat_ngram_size=no_repeat_ngram_size)
     return tokens[:, 1:]
 
 
 @torch.no_grad()
 def beam_search(model, src_ids, max_new_tokens: int, beam_size: int = 4, alpha: float = 0.6, use_cache: bool = True,
-                length_penalty_style: str = "gnmt"):
+                length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0):
     """Keep the beam_size most probable translations of every source, batched. src_ids (B, S) →
     (B, L): each source's finished hypothesis of highest log P / lp; a source with none by
     max_new_tokens gets its best unfinished beam. length_penalty_style "hf": as transformers
@@ -116,19 +117,20 @@ def beam_search(model, src_ids, max_new_tokens: int, beam_size: int = 4, alpha: 
     next_token, start = _start(model, src_ids, use_cache, max_new_tokens, ban=not hf)
     return shared_beam_search(next_token, start, max_new_tokens, beam_size, alpha, eos_id=config.eos_id,
                               pad_id=config.pad_id, length_penalty_style=length_penalty_style,
-                              banned=next_token.never if hf else None)
+                              banned=next_token.never if hf else None, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 @torch.no_grad()
 def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, beam_size: int = 1,
              length_penalty: float = 0.6, use_cache: bool = True, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             length_penalty_style: str = "gnmt") -> torch.Tensor:
+             length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Translate src_ids (B, S): greedy when beam_size == 1 and temperature == 0, sampled when
     temperature > 0 (with top_k / top_p, reproducibly with `seed`), else beam search with the GNMT
     length penalty α = length_penalty (§6.1 uses beam 4, α 0.6), or with transformers' ranking
     and stopping rule when length_penalty_style is "hf" (its default α is 1.0). Stops at EOS or after
-    max_new_tokens (default: source length + 50, §6.1; at most max_seq_len).
+    max_new_tokens (default: source length + 50, §6.1; at most max_seq_len). no_repeat_ngram_size
+    n > 0: no n-gram twice in an output, as transformers' option of that name.
     Returns (B, L): no leading start token, the EOS when produced, right-padded with pad_id."""
     if beam_size < 1:
         raise UserError(f"beam_size must be at least 1, got {beam_size}")
@@ -136,6 +138,8 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
         raise UserError(f"length_penalty_style {length_penalty_style!r}: "
                         f"choose one of {', '.join(LENGTH_PENALTY_STYLES)}")
     check_sampling_options(temperature, top_k, top_p)
+    if no_repeat_ngram_size < 0:
+        raise UserError(f"no_repeat_ngram_size must be 0 (off) or more, got {no_repeat_ngram_size}")
     if beam_size > 1 and temperature > 0:
         raise UserError("beam search is deterministic: use temperature 0 with beam_size > 1, or beam_size 1 to sample")
     config = model.config
@@ -148,9 +152,10 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
     try:
         if beam_size == 1:
             return greedy_decode(model, src_ids, max_new_tokens, use_cache=use_cache, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, generator=generator)
+                                 top_k=top_k, top_p=top_p, generator=generator,
+                                 no_repeat_ngram_size=no_repeat_ngram_size)
         return beam_search(model, src_ids, max_new_tokens, beam_size, length_penalty, use_cache=use_cache,
-                           length_penalty_style=length_penalty_style)
+                           length_penalty_style=length_penalty_style, no_repeat_ngram_size=no_repeat_ngram_size)
     finally:
         model.train(was_training)
 

@@ -40,6 +40,7 @@ from fromscratch.transformer.data import (
     ParallelCorpus,
     TokenBatchSchedule,
     TokenizedPairs,
+    closest_corpus,
     collate,
     filter_long_pairs,
     load_corpora,
@@ -280,7 +281,9 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     `fromscratch.engine.TrainConfig`). `repeats`: {NAME: N} puts the pairs of each training file
     whose name starts with NAME N times into every epoch (`--repeat tatoeba=4`; `data.repeat_counts`).
     `tag`: NAME puts the token <NAME> before the sources of the files whose name starts with NAME
-    and before every source the run validates and translates (`--tag tatoeba`; tokenizer.py).
+    and before every source the run validates and translates (`--tag tatoeba`; tokenizer.py);
+    "auto" takes the training file whose words are most like the validation targets'
+    (`data.closest_corpus`).
     Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
     """
     defaults = recipe(engine.get("device") or "auto")
@@ -302,10 +305,15 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     train_corpus = load_corpora([train] if isinstance(train, str) else list(train))
     if repeats:
         repeat_counts(train_corpus.origins, repeats)  # a NAME that matches no file fails now
-    if tag:
-        tagged_pairs(train_corpus.origins, tag)  # the same for the tag, and a malformed one
-        tag_token(tag)
     valid_corpus = load_corpora([valid])
+    if tag == "auto":  # the training file most like the validation data (data.closest_corpus)
+        tag, entropy = closest_corpus(train_corpus, valid_corpus)
+        others = ", ".join(f"{name} {value:.2f}" for name, value in sorted(entropy.items(), key=lambda kv: kv[1])[1:4])
+        print(f"--tag auto: {tag}, whose words predict the validation targets best "
+              f"({entropy[tag]:.2f} nats/word; then {others or 'no other file'})", file=sys.stderr)
+    if tag:
+        tagged_pairs(train_corpus.origins, tag)  # a NAME that matches no file fails now, and a malformed one
+        tag_token(tag)
     out = Path(out)
     if config.resume and (out / TOKENIZER_FILE).exists():
         tokenizer = BPETokenizer.load(out / TOKENIZER_FILE)  # the run's own, not a retrained one

@@ -76,7 +76,7 @@ def split_to_fit(text: str, ids: list[int], tokenizer, limit: int) -> list[list[
 @torch.no_grad()
 def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size: int = 64,
               length_penalty: float = 0.6, report: Callable[[str], None] | None = None,
-              length_penalty_style: str = "gnmt") -> list[str]:
+              length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0) -> list[str]:
     """Detokenised translations of `lines`, in order. Sentences are decoded in batches of similar
     length; a line longer than the model's context is translated in pieces (module docstring),
     and `report` (default: a logged warning) is told so."""
@@ -97,6 +97,8 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
         pieces_of_line.append(pieces)
     # Passed only when not the default, so a stand-in model's generate(src, beam_size, length_penalty) serves.
     style = {} if length_penalty_style == "gnmt" else {"length_penalty_style": length_penalty_style}
+    if no_repeat_ngram_size:
+        style["no_repeat_ngram_size"] = no_repeat_ngram_size
     flat = [piece for pieces in pieces_of_line for piece in pieces]
     order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
     out: list[str] = [""] * len(flat)
@@ -114,7 +116,8 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
 
 
 def evaluate_bleu(model, tokenizer, src_lines: list[str], ref_lines: list[str], beam_size: int = 4,
-                  batch_size: int = 64, length_penalty: float = 0.6, length_penalty_style: str = "gnmt") -> dict:
+                  batch_size: int = 64, length_penalty: float = 0.6, length_penalty_style: str = "gnmt",
+                  no_repeat_ngram_size: int = 0) -> dict:
     """Translate `src_lines` and score against `ref_lines` with sacreBLEU (default 13a
     tokenisation, on detokenised text): {"bleu", "chrf", "hypotheses"}."""
     import sacrebleu
@@ -122,7 +125,7 @@ def evaluate_bleu(model, tokenizer, src_lines: list[str], ref_lines: list[str], 
     if len(src_lines) != len(ref_lines):
         raise UserError(f"{len(src_lines)} source lines but {len(ref_lines)} references")
     hypotheses = translate(model, tokenizer, list(src_lines), beam_size, batch_size, length_penalty,
-                           length_penalty_style=length_penalty_style)
+                           length_penalty_style=length_penalty_style, no_repeat_ngram_size=no_repeat_ngram_size)
     refs = [list(ref_lines)]
     return {
         "bleu": sacrebleu.corpus_bleu(hypotheses, refs).score,
