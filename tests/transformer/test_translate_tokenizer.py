@@ -94,6 +94,6 @@ def test_a_source_tag_is_one_special_token_that_saving_keeps(corpora, tmp_path):
     loaded = BPETokenizer.load(tagged.save(tmp_path))
     assert loaded.source_prefix == [4] and loaded.source_tag == "tatoeba"
     assert loaded.encode_batch(lines) == tagged.encode_batch(lines)
-    for bad in ("", "two words", "<x>"):
+    for bad in ("", "two words", "<x>", "s", "/s", "pad"):
         with pytest.raises(UserError, match="--tag"):
             BPETokenizer.train(["a b c"], vocab_size=300, source_tag=bad)

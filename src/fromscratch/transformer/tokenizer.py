@@ -38,6 +38,8 @@ def tag_token(name: str) -> str:
     """The special token of source tag `name`: <name>."""
     if not name or any(c.isspace() or c in "<>" for c in name):
         raise UserError(f"--tag {name!r}: a tag is a corpus file name's start, without spaces or < >")
+    if f"<{name}>" in SPECIAL_TOKENS:
+        raise UserError(f"--tag {name!r}: <{name}> is already one of the special tokens {', '.join(SPECIAL_TOKENS)}")
     return f"<{name}>"
 
 
