@@ -3,7 +3,10 @@ penalty α and `no_repeat_ngram_size`, each scored with sacreBLEU and chrF (and 
 penalty and length ratio). The weights do not change between rows, so the scores are exact
 comparisons of the decoding alone; the load of the machine changes only the seconds.
 
-    python bench/translate_decoding_sweep.py RUN [--average N] [BEAM:ALPHA:N ...]
+    python bench/translate_decoding_sweep.py RUN [--average N] [--without-tag] [BEAM:ALPHA:N ...]
+
+--without-tag translates a `translate train --tag` run's weights without its source tag (the
+tokenizer's prefix emptied), to measure what the tag does on the same weights.
 
 Default settings: greedy with and without the ban of repeated trigrams, beam 4 with α 0.6, 1.0,
 1.4 and 1.5 with and without it. Prints one line a setting (the Transformer README quotes them).
@@ -27,12 +30,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a translate train run directory")
     parser.add_argument("--average", type=int, default=None, help="the mean of its last N checkpoints")
+    parser.add_argument("--without-tag", action="store_true", help="translate without the run's source tag")
     parser.add_argument("settings", nargs="*", default=DEFAULT, metavar="BEAM:ALPHA:N",
                         help="beam size, length penalty α, no_repeat_ngram_size (0: off)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     test = load_corpora([str(DATA / "en-id" / "opus100-dev")], max_chars=None, log=False)
     model, tokenizer = load_translator(args.run, "cpu", args.average)
-    print(f"{args.run} (average {args.average}): {len(test)} pairs", flush=True)
+    if args.without_tag:
+        tokenizer.source_prefix = []
+    print(f"{args.run} (average {args.average}, source prefix {tokenizer.source_prefix}): {len(test)} pairs", flush=True)
     for setting in args.settings:
         beam, alpha, n = setting.split(":")
         start = time.perf_counter()
