@@ -93,3 +93,10 @@ def kill_resume_and_compare_logs(command, straight: Path, killed: Path, max_step
     assert logged[straight] == logged[killed]
     assert read_csv(straight / "eval.csv") == read_csv(killed / "eval.csv")
     return resumed_from
+
+
+def repeats_an_ngram(row: list[int], n: int, start: int = 0) -> bool:
+    """Whether a token of `row` at position `start` or later completes an n-gram that `row`
+    already holds before it (the prompt, from position 0, may repeat itself)."""
+    ngrams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]  # ngrams[i] ends at token i + n − 1
+    return any(ngrams[i] in ngrams[:i] for i in range(max(start - n + 1, 0), len(ngrams)))

@@ -4,6 +4,7 @@ test_llama_model.py.)"""
 
 import pytest
 import torch
+from helpers import repeats_an_ngram
 
 from fromscratch.blocks import sample_next_token, top_k_filter, top_p_filter
 from fromscratch.errors import UserError
@@ -162,3 +163,13 @@ def test_beam_search_of_one_is_greedy_and_wider_beams_score_at_least_as_well(mod
         assert log_prob(beam, len(prompt)) >= log_prob(best, len(prompt)) - 1e-4
     # A ragged batch decodes each prompt as it would alone.
     assert beams == [model.generate(p, 12, beam_size=4, length_penalty=0.0) for p in prompts]
+
+
+def test_beam_search_without_repeated_ngrams_never_repeats_one(model):
+    prompt = [1, 5, 6, 7, 5, 6]  # the prompt repeats itself; only the new tokens are held to the ban
+    plain = model.generate(prompt, 30, beam_size=4, length_penalty=0.0)
+    banned = model.generate(prompt, 30, beam_size=4, length_penalty=0.0, no_repeat_ngram_size=1)
+    assert repeats_an_ngram(plain, 1, start=len(prompt))  # without the ban, a token comes back
+    assert not repeats_an_ngram(banned, 1, start=len(prompt))  # with it, no token of the row does
+    with pytest.raises(UserError, match="no_repeat_ngram_size must be 0"):
+        model.generate(prompt, 3, no_repeat_ngram_size=-1)

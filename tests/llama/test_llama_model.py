@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import repeats_an_ngram
 
 from fromscratch.errors import UserError
 from fromscratch.llama.checkpoints import hf_key_to_meta, hf_to_meta_permute
@@ -83,6 +84,21 @@ def test_greedy_generation_matches_huggingface(name):
     expected = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
     got = ours.generate(prompt, 40, temperature=0)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_greedy_generation_without_repeated_ngrams_matches_huggingface(n):
+    config = PARITY_CONFIGS["tied"]
+    hf, ours = hf_and_ours(config)
+    prompt = torch.randint(0, config.vocab_size, (2, 6))
+    prompt[:, 3:] = prompt[:, :3]  # the prompt repeats a trigram: its n-grams are banned too
+    plain = ours.generate(prompt, 40, temperature=0)
+    expected = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0,
+                           no_repeat_ngram_size=n)
+    got = ours.generate(prompt, 40, temperature=0, no_repeat_ngram_size=n)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, plain)  # the ban changed something, so the comparison means something
+    assert not any(repeats_an_ngram(row, n, start=prompt.size(1)) for row in got.tolist())
 
 
 def test_parameter_names_are_metas():

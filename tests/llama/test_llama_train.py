@@ -212,11 +212,11 @@ def test_bad_arguments_leave_an_existing_run_untouched(trained_run, shakespeare,
 # --- 4. generate: streams what Llama.generate computes, from any checkpoint -----------------------
 
 
-def expected_greedy(model: Llama, tokenizer: Tokenizer, prompt: str, n: int) -> tuple[str, int]:
+def expected_greedy(model: Llama, tokenizer: Tokenizer, prompt: str, n: int, **options) -> tuple[str, int]:
     """What the CLI should print for a greedy run: Llama.generate's ids, decoded, cut at the first
     BOS (in text tokenized as `llama train` does, BOS starts the next, unrelated paragraph)."""
     ids = tokenizer.encode(prompt, bos=True)
-    new = model.generate(ids, max_new_tokens=n, temperature=0, eos_id=tokenizer.eos_id)[len(ids):]
+    new = model.generate(ids, max_new_tokens=n, temperature=0, eos_id=tokenizer.eos_id, **options)[len(ids):]
     if tokenizer.bos_id in new:
         new = new[: new.index(tokenizer.bos_id)]
     return tokenizer.decode(ids + new) + "\n", len(new)
@@ -243,6 +243,18 @@ def test_generate_from_a_llama2c_file_with_its_tokenizer(trained_run, llama2c_fi
     tokenizer = Tokenizer(run_dir / "tokenizer.model")
     assert out == expected_greedy(Llama.from_pretrained(llama2c_file), tokenizer, "ROMEO:", 40)[0]
     assert out == generate("--checkpoint", run_dir, *options)[1]  # the same weights, the same text
+
+
+def test_generate_no_repeat_ngram_bans_repeated_ngrams_and_refuses_a_negative_size(trained_run):
+    run_dir = trained_run[0]
+    options = ["--checkpoint", run_dir, "--prompt", "ROMEO:", "--temperature", 0, "--max-new-tokens", 40]
+    code, out, err, _ = generate(*options, "--no-repeat-ngram", 2)
+    assert code == 0, err
+    model, tokenizer = Llama.from_pretrained(run_dir), Tokenizer(run_dir / "tokenizer.model")
+    assert out == expected_greedy(model, tokenizer, "ROMEO:", 40, no_repeat_ngram_size=2)[0]
+    assert out != expected_greedy(model, tokenizer, "ROMEO:", 40)[0]  # the ban changed the text
+    code, _, err, _ = generate(*options, "--no-repeat-ngram", -1)
+    assert code == 2 and "--no-repeat-ngram must be 0 (off) or more, got -1" in err
 
 
 def test_generate_seed_makes_sampling_reproducible(trained_run):

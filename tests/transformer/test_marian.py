@@ -20,6 +20,7 @@ import pytest
 import sentencepiece
 import torch
 import transformers  # test-only dependency: the reference implementation
+from helpers import repeats_an_ngram
 from safetensors.torch import load_file, save_file
 
 from fromscratch.cli import main
@@ -487,11 +488,6 @@ def test_a_directory_of_another_model_is_refused(tmp_path, capsys):
     assert "model_type 'llama' is not a Marian model" in error and error.count("\n") == 1
 
 
-def _repeats_an_ngram(row: list[int], n: int) -> bool:
-    ngrams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
-    return len(ngrams) != len(set(ngrams))
-
-
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_no_repeat_ngram_translations_equal_generate(tmp_path, trained, n):
     """no_repeat_ngram_size n: greedy and beam-4 (hf style) translations equal transformers'
@@ -511,5 +507,5 @@ def test_no_repeat_ngram_translations_equal_generate(tmp_path, trained, n):
             changed += plain.shape != got.shape or not torch.equal(plain, got)
             for row in got.tolist():
                 start = [ours.config.start_id]
-                assert not _repeats_an_ngram(start + (row[: row.index(EOS) + 1] if EOS in row else row), n)
+                assert not repeats_an_ngram(start + (row[: row.index(EOS) + 1] if EOS in row else row), n)
     assert changed >= 2

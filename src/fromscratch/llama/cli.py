@@ -73,6 +73,8 @@ def add_generate_arguments(generate, checkpoint_help: str) -> None:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    generate.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                          help="never repeat an N-gram, the prompt's included (default 0: off)")
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
@@ -99,6 +101,8 @@ def generate_from_checkpoint(args, model_class: type, read) -> None:
     `Checkpoint` that `--checkpoint` names, and a `model_class` is built from it."""
     prompt_text = checked_text(args.prompt, "--prompt")
     check_sampling_options(args.temperature, args.top_k, args.top_p)
+    if args.no_repeat_ngram < 0:
+        raise UserError(f"--no-repeat-ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
     device = resolve_device(args.device)
     ckpt = read(args.checkpoint)
     model = accelerate(build_model(model_class, ckpt).to(device).eval())
@@ -160,7 +164,7 @@ def print_generation(model, tokenizer: Tokenizer, prompt_text: str, args) -> Non
 
     try:  # the first call of stream() prints the prompt (as the tokenizer reads it back) too
         model.generate([prompt], max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stream=stream)
+                       top_p=args.top_p, seed=args.seed, stream=stream, no_repeat_ngram_size=args.no_repeat_ngram)
     except _EndOfText:
         pass
     show(final=True)

@@ -78,6 +78,7 @@ def generate(
     stream: Callable[[list[int | None]], None] | None = None,
     beam_size: int = 1,
     length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ):
     """Extend each prompt by up to `max_new_tokens` tokens.
 
@@ -90,6 +91,10 @@ def generate(
     stream: called after every step with one new id per row (None for rows already finished).
     beam_size > 1: beam search instead (deterministic; ranked by log P / lp with GNMT's length
         penalty α = length_penalty), returning each prompt's best continuation.
+    no_repeat_ngram_size n > 0: never produce a token that completes an n-gram already in the
+        row, prompt included (transformers' `no_repeat_ngram_size`; blocks/search.py). Prompts
+        of different lengths are left-padded with id 0, which takes part in the n-grams as
+        transformers' padding does.
 
     Raises UserError when prompt + max_new_tokens does not fit in the model's max_seq_len.
     """
@@ -113,6 +118,8 @@ def generate(
     check_sampling_options(temperature, top_k, top_p)
     if beam_size < 1:
         raise UserError(f"beam_size must be at least 1, got {beam_size}")
+    if no_repeat_ngram_size < 0:
+        raise UserError(f"no_repeat_ngram_size must be 0 (off) or more, got {no_repeat_ngram_size}")
     if beam_size > 1 and stream is not None:
         raise UserError("beam search cannot stream: its best hypothesis is known only at the end")
     if seed is not None:
@@ -126,11 +133,11 @@ def generate(
     try:
         if beam_size > 1:
             new = beam_search(next_token, prompt, max_new_tokens, beam_size, length_penalty, eos_id=eos_id,
-                              pad_id=eos_id if eos_id is not None else 0)
+                              pad_id=eos_id if eos_id is not None else 0, no_repeat_ngram_size=no_repeat_ngram_size)
             tokens = torch.cat([prompt, new], dim=1)
         else:
             tokens = sample(next_token, prompt, max_new_tokens, temperature, top_k, top_p, generator,
-                            eos_id=eos_id, stream=stream)
+                            eos_id=eos_id, stream=stream, no_repeat_ngram_size=no_repeat_ngram_size)
     finally:
         model.train(was_training)
 
