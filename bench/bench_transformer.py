@@ -19,6 +19,7 @@ best), with the load average at the start and end: run it alone on the machine.
 
     python bench/bench_transformer.py --checkpoint runs/enid-60min   # the real run, several minutes
     python bench/bench_transformer.py --quick                        # a smoke run, seconds
+    python bench/bench_transformer.py --parts beam --checkpoint RUN --output OUT.json   # one part
 
 Writes bench/results/transformer.json.
 """
@@ -226,7 +227,12 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--checkpoint", help="a translate train run for the beam-4 eval benchmark")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--parts", default="training,greedy,beam",
+                        help="which measurements, comma-separated (beam needs --checkpoint)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"training", "greedy", "beam"} or ("beam" in parts and not args.checkpoint):
+        sys.exit(f"--parts {args.parts}: choose from training, greedy, beam (beam with --checkpoint)")
     torch.set_num_threads(args.threads)
     if args.checkpoint and load_translator(args.checkpoint)[0].config.norm_first:  # fail before an hour of work
         sys.exit(f"--checkpoint {args.checkpoint}: a pre-norm run has no MarianMTModel equivalent to time against; "
@@ -243,7 +249,7 @@ def main():
     results = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "quick": args.quick,
-        "load_average_at_start": list(os.getloadavg()),
+        "parts": sorted(parts), "load_average_at_start": list(os.getloadavg()),
     }
     # With the config's dropout (as trained), and without: PyTorch also drops attention weights
     # and FFN activations, which the paper (and ours) does not, so the second is compute alone.
@@ -251,15 +257,16 @@ def main():
     runs = [("training", train_config, torch.float32),
             ("training_without_dropout", replace(train_config, dropout=0.0), torch.float32),
             ("training_bfloat16", train_config, torch.bfloat16)]
-    for key, config, dtype in runs:
+    for key, config, dtype in runs if "training" in parts else []:
         t = results[key] = bench_training(config, rounds=rounds, dtype=dtype, **train_shape)
         print(f"{key}: ours {t['tokens_per_second']['ours']:.0f} tok/s, nn.Transformer "
               f"{t['tokens_per_second']['pytorch']:.0f} tok/s, ratio {t['ratio_ours_over_pytorch']:.2f}x", flush=True)
-    g = results["greedy_batch_1"] = bench_greedy(decode_config, 32, new_tokens, rounds)
-    print(f"greedy, batch 1, {new_tokens} tokens: cached {g['tokens_per_second']['cached']:.0f} tok/s, uncached "
-          f"{g['tokens_per_second']['uncached']:.0f}, MarianMTModel {g['tokens_per_second']['huggingface']:.0f}; "
-          f"{g['speedup_cached_over_uncached']:.1f}x, {g['speedup_over_huggingface']:.1f}x", flush=True)
-    if args.checkpoint:
+    if "greedy" in parts:
+        g = results["greedy_batch_1"] = bench_greedy(decode_config, 32, new_tokens, rounds)
+        print(f"greedy, batch 1, {new_tokens} tokens: cached {g['tokens_per_second']['cached']:.0f} tok/s, uncached "
+              f"{g['tokens_per_second']['uncached']:.0f}, MarianMTModel {g['tokens_per_second']['huggingface']:.0f}; "
+              f"{g['speedup_cached_over_uncached']:.1f}x, {g['speedup_over_huggingface']:.1f}x", flush=True)
+    if args.checkpoint and "beam" in parts:
         b = results["beam4_eval"] = bench_beam_eval(args.checkpoint, n_sentences, max(1, rounds // 2))
         print(f"beam-4 eval of {b['sentences']} sentences: ours {b['sentences_per_second']['ours']:.1f}/s, "
               f"MarianMTModel {b['sentences_per_second']['huggingface']:.1f}/s, {b['speedup_over_huggingface']:.1f}x; "
