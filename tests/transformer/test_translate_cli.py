@@ -160,6 +160,10 @@ def test_parser_wiring_and_the_recipes_of_each_device():
     assert args.func is cmd_train and args.train == ["a", "b"]
     assert (args.preset, args.batch_tokens, args.lr, args.warmup_steps) == (None, None, None, None)
     assert (args.max_steps, args.clip_grad) == (100_000, 1.0)
+    assert (args.d_model, args.n_heads, args.n_encoder_layers, args.n_decoder_layers, args.d_ff) == (None,) * 5
+    args = parser.parse_args(["translate", "train", "--train", "a", "--valid", "c", "--out", "o",
+                              "--d-model", "192", "--n-decoder-layers", "2", "--d-ff", "768"])
+    assert (args.d_model, args.n_heads, args.n_decoder_layers, args.d_ff) == (192, None, 2, 768)
     assert recipe("cpu") is RECIPES["cpu"] and RECIPES["cpu"]["model"]["preset"] == "small"
     gpu = RECIPES["gpu"]
     assert gpu["model"]["preset"] == "base" and gpu["model"]["batch_tokens"] == 25_000  # Table 3, §5.1

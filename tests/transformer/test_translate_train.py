@@ -2,6 +2,7 @@
 and BLEU on detokenised text."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fromscratch.engine.checkpoint import checkpoint_dir, load_model_weights
 from fromscratch.engine.metrics import read_csv
 from fromscratch.errors import UserError
 from fromscratch.transformer.data import load_corpora
-from fromscratch.transformer.model import TransformerConfig
+from fromscratch.transformer.model import Transformer, TransformerConfig
 from fromscratch.transformer.tokenizer import BPETokenizer
 from fromscratch.transformer.training import TranslationTask, paper_train_config
 from fromscratch.transformer.translation import evaluate_bleu, load_translator
@@ -244,6 +245,32 @@ def test_train_with_no_settings_takes_the_cpu_recipe_and_a_given_flag_wins(tmp_p
     assert run["model_config"]["d_model"] == TransformerConfig.from_preset("tiny").d_model
     assert run["train_config"]["lr"] == 0.5 and run["train_config"]["warmup_steps"] == cpu["engine"]["warmup_steps"]
     assert json.loads((tmp_path / "given" / "translate_data.json").read_text())["max_tokens"] == 31
+
+
+def test_shape_flags_replace_the_presets_sizes_and_a_resume_must_repeat_them(tmp_path):
+    """`--d-model 32 --n-heads 2 --n-decoder-layers 1` on `tiny`: the run's model has those sizes
+    and the preset's others; bad sizes fail before any work; resuming with other sizes is refused."""
+    import json
+
+    from fromscratch.transformer import train
+
+    shape = {"d_model": 32, "n_heads": 2, "n_encoder_layers": None, "n_decoder_layers": 1, "d_ff": None}
+    common = dict(preset="tiny", bleu_samples=0, device="cpu", eval_every=1, save_every=1)
+    train("demo:train", "demo:test", tmp_path / "run", shape=shape, max_steps=1, **common)
+    config = json.loads((tmp_path / "run" / "model_config.json").read_text())
+    tiny = TransformerConfig.from_preset("tiny")
+    assert (config["d_model"], config["n_heads"], config["n_decoder_layers"]) == (32, 2, 1)
+    assert (config["n_encoder_layers"], config["d_ff"]) == (tiny.n_encoder_layers, tiny.d_ff)
+    assert len(Transformer.from_pretrained(tmp_path / "run").decoder_layers) == 1
+    with pytest.raises(UserError, match=re.escape("d_model=32 (asked now: 64)")):
+        train("demo:train", "demo:test", tmp_path / "run", max_steps=2, resume=True, **common)
+    train("demo:train", "demo:test", tmp_path / "run", shape=shape, max_steps=2, resume=True, **common)
+    for bad, message in (({"d_model": 0}, "d_model must be at least 1, got 0"),
+                         ({"d_model": 30}, "d_model=30 must be even and divisible by n_heads=4"),
+                         ({"width": 8}, "shape 'width': choose among d_model, ")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            train("demo:train", "demo:test", tmp_path / "bad", shape=bad, max_steps=1, **common)
+        assert not (tmp_path / "bad").exists()
 
 
 def two_file_corpus():

@@ -18,7 +18,7 @@ from fromscratch.errors import UserError
 from fromscratch.inputs import checked_text, stdin_lines
 from fromscratch.transformer.config import TransformerConfig
 from fromscratch.transformer.data import load_corpora, parse_repeats
-from fromscratch.transformer.training import RECIPES, paper_train_config, train
+from fromscratch.transformer.training import RECIPES, SHAPE_FIELDS, paper_train_config, train
 from fromscratch.transformer.translation import evaluate_bleu, load_translator, translate
 
 RECIPE_FLAGS = sorted({name for r in RECIPES.values() for name in r["engine"]})  # engine flags a recipe sets
@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                          help="skip training pairs with a side longer than this many tokens, its end token "
                               "included (default: the device's recipe: 64 on a CPU, 256 on a GPU)")
     train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    for name in SHAPE_FIELDS:
+        train_p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, metavar="N",
+                             help=f"override the preset's {name}")
     train_p.add_argument("--norm-first", action=argparse.BooleanOptionalAction, default=None,
                          help="pre-norm layers (Xiong et al. 2020); --no-norm-first: the paper's post-norm")
     train_p.add_argument("--repeat", nargs="+", default=[], metavar="NAME=N",
@@ -121,7 +124,8 @@ def _decoding(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> None:
     result = train(args.train, args.valid, args.out, preset=args.preset, vocab_size=args.vocab_size,
                    batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, dropout=args.dropout,
-                   norm_first=args.norm_first, bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat),
+                   norm_first=args.norm_first, shape={name: getattr(args, name) for name in SHAPE_FIELDS},
+                   bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat),
                    tag=args.tag,
                    command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))

@@ -251,6 +251,8 @@ def _sha256(*columns: list[str]) -> str:
 # float32: bfloat16 autocast was no better in an hour. Dropout 0, over-sampled conversational
 # corpora and a cooldown won at ten minutes but lost over the hour together (README), so they stay
 # flags (--dropout, --repeat, --cooldown), not the recipe.
+SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff")  # what `shape` may set
+
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
                            dropout=None),
@@ -270,9 +272,9 @@ def recipe(device: str = "auto") -> dict:
 
 def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | None = None,
           vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int | None = None,
-          dropout: float | None = None, norm_first: bool | None = None, bleu_samples: int = 200,
-          repeats: dict[str, int] | None = None, tag: str | None = None, command: list[str] | None = None,
-          **engine) -> dict:
+          dropout: float | None = None, norm_first: bool | None = None, shape: dict[str, int] | None = None,
+          bleu_samples: int = 200, repeats: dict[str, int] | None = None, tag: str | None = None,
+          command: list[str] | None = None, **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
     `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
     `out`. A setting left None takes the device's recipe (`RECIPES`: on a CPU the one-hour recipe,
@@ -280,6 +282,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     multiplier on the noam schedule —, `warmup_steps`, `max_minutes`, `resume`, ...;
     `fromscratch.engine.TrainConfig`). `repeats`: {NAME: N} puts the pairs of each training file
     whose name starts with NAME N times into every epoch (`--repeat tatoeba=4`; `data.repeat_counts`).
+    `shape`: the preset's sizes replaced, any of {"d_model", "n_heads", "n_encoder_layers",
+    "n_decoder_layers", "d_ff"} (`--d-model 192 --n-decoder-layers 2`; SHAPE_FIELDS).
     `tag`: NAME puts the token <NAME> before the sources of the files whose name starts with NAME
     and before every source the run validates and translates (`--tag tatoeba`; tokenizer.py);
     "auto" takes the training file whose words are most like the validation targets'
@@ -298,7 +302,14 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     if batch_tokens < 8:
         raise UserError(f"--batch-tokens {batch_tokens} is too small")
     overrides = {name: settings[name] for name in ("dropout", "norm_first") if settings[name] is not None}
-    TransformerConfig.from_preset(preset, **overrides)  # an unknown preset or a bad dropout fails now
+    for name, value in (shape or {}).items():
+        if name not in SHAPE_FIELDS:
+            raise UserError(f"shape {name!r}: choose among {', '.join(SHAPE_FIELDS)}")
+        if value is not None:
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+            overrides[name] = value
+    TransformerConfig.from_preset(preset, **overrides)  # an unknown preset, a bad shape or dropout fails now
     config = make_train_config(paper_train_config(), out, **engine)
     config.check_before_work()
     check_run_state(out, config.resume, TranslationTask.model_name)  # before the corpora are read
