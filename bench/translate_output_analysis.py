@@ -12,6 +12,7 @@ Transformer README quotes about the register and the TED annotations, from commi
    them out of the training data could gain.
 3. `--tag auto`: every training file's cross-entropy (nats per word) on the dev targets,
    `data.closest_corpus`, lowest first.
+4. How long the dev sentences are, in words: the median and the 90th percentile of each side.
 
 Counts and scores only: nothing is trained, and the load of the machine changes nothing.
 """
@@ -22,6 +23,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import sacrebleu
 
 from fromscratch.transformer.data import closest_corpus, load_corpora
@@ -46,8 +48,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outputs", nargs="+", help="translations of opus100-dev.en, one a line")
     args = parser.parse_args()
-    references = (DATA / "opus100-dev.id").read_text(encoding="utf-8").splitlines()
+    valid = load_corpora([str(DATA / "opus100-dev")], max_chars=None, log=False)
+    references = list(valid.tgt)
     train_prefixes = sorted(str(p.with_suffix("")) for p in DATA.glob("*.en") if p.stem != "opus100-dev")
+    train = load_corpora(train_prefixes, log=False)  # read once: parts 2 and 3
 
     print("1. register: familiar (aku, kau, kamu) / polite (saya, Anda), whole words")
     print(f"   references: {register(references)[0]} / {register(references)[1]}")
@@ -59,12 +63,11 @@ def main():
         print(f"   {path}: {familiar} / {polite}")
 
     print("2. stage notes on the Indonesian side only (e.g. '(Tepuk tangan)')")
-    for prefix in train_prefixes:
-        en = Path(prefix + ".en").read_text(encoding="utf-8").splitlines()
-        id_ = Path(prefix + ".id").read_text(encoding="utf-8").splitlines()
-        only_target = sum(1 for s, t in zip(en, id_) if STAGE_NOTE.search(t) and "(" not in s)
-        if only_target:
-            print(f"   {Path(prefix).name}: {only_target} pairs")
+    file_names = [Path(name).stem for name in train.origins.names]
+    only_target = Counter(file_names[which] for s, t, which in zip(train.src, train.tgt, train.origins.name_of_each())
+                          if STAGE_NOTE.search(t) and "(" not in s)
+    for name, count in sorted(only_target.items()):
+        print(f"   {name}: {count} pairs")
     print(f"   references: {sum(1 for line in references if STAGE_NOTE.search(line))} lines")
     for path, lines in outputs.items():
         cleaned = [without_notes(line) for line in lines]
@@ -74,12 +77,15 @@ def main():
               f"BLEU / chrF {before[0]:.2f} / {before[1]:.2f} as written, {after[0]:.2f} / {after[1]:.2f} without")
 
     print("3. --tag auto: cross-entropy of the dev targets' words under each training file (nats/word)")
-    train = load_corpora(train_prefixes, log=False)
-    valid = load_corpora([str(DATA / "opus100-dev")], log=False)
     chosen, entropy = closest_corpus(train, valid)
     for name, value in sorted(entropy.items(), key=lambda kv: kv[1]):
         print(f"   {name}: {value:.2f}")
     print(f"   chosen: {chosen}")
+
+    print("4. opus100-dev sentence lengths in words: median / 90th percentile")
+    for side, lines in (("English", valid.src), ("Indonesian", valid.tgt)):
+        words = np.array([len(line.split()) for line in lines])
+        print(f"   {side}: {np.median(words):.0f} / {np.percentile(words, 90):.0f}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,13 @@ def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: i
     return tokens[:, :end]
 
 
+def check_ngram_size(n: int, name: str = "no_repeat_ngram_size") -> None:
+    """Refuse a negative `no_repeat_ngram_size` (0 is off) before any work; `name` is how the
+    caller calls it (a CLI flag, an argument)."""
+    if n < 0:
+        raise UserError(f"{name} must be 0 (off) or more, got {n}")
+
+
 def ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
     """Set to −∞, in place, the scores (N, V) of each row's tokens that would complete an n-gram
     (n ≥ 1) already in the row's tokens (N, t); returns `scores`."""

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fromscratch.blocks import check_sampling_options
+from fromscratch.blocks.search import check_ngram_size
 from fromscratch.devices import resolve_device
 from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
@@ -101,8 +102,7 @@ def generate_from_checkpoint(args, model_class: type, read) -> None:
     `Checkpoint` that `--checkpoint` names, and a `model_class` is built from it."""
     prompt_text = checked_text(args.prompt, "--prompt")
     check_sampling_options(args.temperature, args.top_k, args.top_p)
-    if args.no_repeat_ngram < 0:
-        raise UserError(f"--no-repeat-ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
+    check_ngram_size(args.no_repeat_ngram, "--no-repeat-ngram")
     device = resolve_device(args.device)
     ckpt = read(args.checkpoint)
     model = accelerate(build_model(model_class, ckpt).to(device).eval())

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fromscratch.blocks import beam_search, check_sampling_options, sample
+from fromscratch.blocks.search import check_ngram_size
 from fromscratch.errors import UserError
 
 
@@ -118,8 +119,7 @@ def generate(
     check_sampling_options(temperature, top_k, top_p)
     if beam_size < 1:
         raise UserError(f"beam_size must be at least 1, got {beam_size}")
-    if no_repeat_ngram_size < 0:
-        raise UserError(f"no_repeat_ngram_size must be 0 (off) or more, got {no_repeat_ngram_size}")
+    check_ngram_size(no_repeat_ngram_size)
     if beam_size > 1 and stream is not None:
         raise UserError("beam search cannot stream: its best hypothesis is known only at the end")
     if seed is not None:

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from fromscratch.blocks.search import check_ngram_size
 from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
 from fromscratch.inputs import checked_text, stdin_lines
@@ -116,8 +117,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _decoding(args: argparse.Namespace) -> dict:
     _check_beam(args.beam)
-    if args.no_repeat_ngram < 0:
-        raise UserError(f"--no-repeat-ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
+    check_ngram_size(args.no_repeat_ngram, "--no-repeat-ngram")
     return dict(beam_size=args.beam, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
 
 

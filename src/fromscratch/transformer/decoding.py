@@ -23,7 +23,7 @@ import torch
 
 from fromscratch.blocks import beam_search as shared_beam_search
 from fromscratch.blocks import check_sampling_options, gnmt_length_penalty, sample
-from fromscratch.blocks.search import LENGTH_PENALTY_STYLES, shared_rows
+from fromscratch.blocks.search import LENGTH_PENALTY_STYLES, check_ngram_size, shared_rows
 from fromscratch.errors import UserError
 
 length_penalty = gnmt_length_penalty  # §6.1 ranks beams with GNMT's lp(Y) = ((5 + |Y|) / 6)^α
@@ -138,8 +138,7 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
         raise UserError(f"length_penalty_style {length_penalty_style!r}: "
                         f"choose one of {', '.join(LENGTH_PENALTY_STYLES)}")
     check_sampling_options(temperature, top_k, top_p)
-    if no_repeat_ngram_size < 0:
-        raise UserError(f"no_repeat_ngram_size must be 0 (off) or more, got {no_repeat_ngram_size}")
+    check_ngram_size(no_repeat_ngram_size)
     if beam_size > 1 and temperature > 0:
         raise UserError("beam search is deterministic: use temperature 0 with beam_size > 1, or beam_size 1 to sample")
     config = model.config

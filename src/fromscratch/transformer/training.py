@@ -241,6 +241,8 @@ def _sha256(*columns: list[str]) -> str:
 # Training from Python (what `fromscratch translate train` calls)
 
 
+SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff")  # what `shape` may set
+
 # The default recipes of `translate train`, chosen by the device. On a GPU, the paper's `base`
 # (§5.3, Table 3) in bfloat16 with torch.compile. On a CPU, what trains best in an hour on two
 # cores (bench/translate_ablations.py; the Transformer README's ablation table): the `small`
@@ -248,11 +250,9 @@ def _sha256(*columns: list[str]) -> str:
 # (averaged at evaluation, §6.1), training pairs of at most 64 tokens a side (short sentences like
 # the dev split's film dialogue: better in two hours of two seeds), a 4,000-token vocabulary (the
 # best hour of all, one run; Sennrich & Zhang 2019 found fewer merges better for little data), in
-# float32: bfloat16 autocast was no better in an hour. Dropout 0, over-sampled conversational
-# corpora and a cooldown won at ten minutes but lost over the hour together (README), so they stay
-# flags (--dropout, --repeat, --cooldown), not the recipe.
-SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff")  # what `shape` may set
-
+# float32: bfloat16 autocast raised chrF but not BLEU over two seeds of an hour. Dropout 0,
+# over-sampled conversational corpora and a cooldown won at ten minutes but lost over the hour
+# together (README), so they stay flags (--dropout, --repeat, --cooldown), not the recipe.
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
                            dropout=None),
