@@ -25,6 +25,11 @@ from fromscratch.transformer.translation import evaluate_bleu, load_translator, 
 RECIPE_FLAGS = sorted({name for r in RECIPES.values() for name in r["engine"]})  # engine flags a recipe sets
 
 
+def recipe_defaults(name: str) -> str:
+    """What each device's recipe sets model setting `name` to, for a flag's help."""
+    return f"{RECIPES['cpu']['model'][name]} on a CPU, {RECIPES['gpu']['model'][name]} on a GPU"
+
+
 def register(subparsers) -> None:
     """`fromscratch translate ...`: the sub-commands this package contributes to the CLI."""
     translate_parser = subparsers.add_parser(
@@ -42,15 +47,16 @@ def register(subparsers) -> None:
     train_p.add_argument("--train", nargs="+", required=True, metavar="PREFIX", help="training corpora")
     train_p.add_argument("--valid", required=True, metavar="PREFIX", help="validation corpus")
     train_p.add_argument("--preset", default=None, choices=list(TransformerConfig.PRESETS),
-                         help="model size (default: the device's recipe: small on a CPU, base on a GPU)")
+                         help=f"model size (default: the device's recipe: {recipe_defaults('preset')})")
     train_p.add_argument("--vocab-size", type=int, default=None,
-                         help="joint BPE vocabulary size (default: the device's recipe: 4000 on a CPU, 8000 on a GPU)")
+                         help="joint BPE vocabulary size (default: the device's recipe: "
+                              f"{recipe_defaults('vocab_size')})")
     train_p.add_argument("--batch-tokens", type=int, default=None,
                          help="padded tokens per side in a batch (default: recipe's; §5.1 has 25000); "
                               "replaces --batch-size")
     train_p.add_argument("--max-tokens", type=int, default=None,
                          help="skip training pairs with a side longer than this many tokens, its end token "
-                              "included (default: the device's recipe: 64 on a CPU, 256 on a GPU)")
+                              f"included (default: the device's recipe: {recipe_defaults('max_tokens')})")
     train_p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     for name in SHAPE_FIELDS:
         train_p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, metavar="N",
