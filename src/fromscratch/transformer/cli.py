@@ -52,8 +52,8 @@ def register(subparsers) -> None:
                          help="joint BPE vocabulary size (default: the device's recipe: "
                               f"{recipe_defaults('vocab_size')})")
     train_p.add_argument("--batch-tokens", type=int, default=None,
-                         help="padded tokens per side in a batch (default: recipe's; §5.1 has 25000); "
-                              "replaces --batch-size")
+                         help="padded tokens per side in a batch (default: the device's recipe: "
+                              f"{recipe_defaults('batch_tokens')}, §5.1's); replaces --batch-size")
     train_p.add_argument("--max-tokens", type=int, default=None,
                          help="skip training pairs with a side longer than this many tokens, its end token "
                               f"included (default: the device's recipe: {recipe_defaults('max_tokens')})")
@@ -131,8 +131,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train(args.train, args.valid, args.out, preset=args.preset, vocab_size=args.vocab_size,
                    batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, dropout=args.dropout,
                    norm_first=args.norm_first, shape={name: getattr(args, name) for name in SHAPE_FIELDS},
-                   bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat),
-                   tag=args.tag,
+                   bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat), tag=args.tag,
                    command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
 
