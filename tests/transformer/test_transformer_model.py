@@ -233,8 +233,11 @@ def test_presets_and_table_3():
     assert (base.d_model, base.n_heads, base.n_encoder_layers, base.d_ff, base.dropout) == (512, 8, 6, 2048, 0.1)
     assert (big.d_model, big.n_heads, big.n_decoder_layers, big.d_ff, big.dropout) == (1024, 16, 6, 4096, 0.3)
     assert TransformerConfig.from_preset("tiny", d_model=32).d_model == 32
-    assert set(TransformerConfig.PRESETS) == {"tiny", "small", "base", "big"}
-    with pytest.raises(UserError, match="tiny, small, base, big"):
+    narrow = TransformerConfig.from_preset("narrow")  # the CPU recipe's: `small` at three quarters of its width
+    assert (narrow.d_model, narrow.n_heads, narrow.n_encoder_layers, narrow.n_decoder_layers, narrow.d_ff) == \
+        (192, 4, 3, 3, 768)
+    assert set(TransformerConfig.PRESETS) == {"tiny", "small", "narrow", "base", "big"}
+    with pytest.raises(UserError, match="tiny, small, narrow, base, big"):
         TransformerConfig.from_preset("huge")
 
 
