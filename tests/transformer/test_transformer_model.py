@@ -233,11 +233,13 @@ def test_presets_and_table_3():
     assert (base.d_model, base.n_heads, base.n_encoder_layers, base.d_ff, base.dropout) == (512, 8, 6, 2048, 0.1)
     assert (big.d_model, big.n_heads, big.n_decoder_layers, big.d_ff, big.dropout) == (1024, 16, 6, 4096, 0.3)
     assert TransformerConfig.from_preset("tiny", d_model=32).d_model == 32
-    narrow = TransformerConfig.from_preset("narrow")  # the CPU recipe's: `small` at three quarters of its width
+    narrow = TransformerConfig.from_preset("narrow")  # `small` at three quarters of its width
     assert (narrow.d_model, narrow.n_heads, narrow.n_encoder_layers, narrow.n_decoder_layers, narrow.d_ff) == \
         (192, 4, 3, 3, 768)
-    assert set(TransformerConfig.PRESETS) == {"tiny", "small", "narrow", "base", "big"}
-    with pytest.raises(UserError, match="tiny, small, narrow, base, big"):
+    slim = TransformerConfig.from_preset("slim")  # the CPU recipe's: `small` at half its width
+    assert (slim.d_model, slim.n_heads, slim.n_encoder_layers, slim.n_decoder_layers, slim.d_ff) == (128, 4, 3, 3, 512)
+    assert set(TransformerConfig.PRESETS) == {"tiny", "small", "narrow", "slim", "base", "big"}
+    with pytest.raises(UserError, match="tiny, small, narrow, slim, base, big"):
         TransformerConfig.from_preset("huge")
 
 

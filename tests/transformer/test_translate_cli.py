@@ -164,7 +164,7 @@ def test_parser_wiring_and_the_recipes_of_each_device():
     args = parser.parse_args(["translate", "train", "--train", "a", "--valid", "c", "--out", "o",
                               "--d-model", "192", "--n-decoder-layers", "2", "--d-ff", "768"])
     assert (args.d_model, args.n_heads, args.n_decoder_layers, args.d_ff) == (192, None, 2, 768)
-    assert recipe("cpu") is RECIPES["cpu"] and RECIPES["cpu"]["model"]["preset"] == "narrow"
+    assert recipe("cpu") is RECIPES["cpu"] and RECIPES["cpu"]["model"]["preset"] == "slim"
     gpu = RECIPES["gpu"]
     assert gpu["model"]["preset"] == "base" and gpu["model"]["batch_tokens"] == 25_000  # Table 3, §5.1
     assert gpu["engine"] == {"dtype": "bfloat16", "compile": True}
