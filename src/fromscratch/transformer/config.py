@@ -45,7 +45,7 @@ class TransformerConfig(ModelConfig):
         "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024),
         # `small` at three quarters of its width: 1.5x small's tokens/s (README; the CPU recipe's before `slim`)
         "narrow": dict(d_model=192, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=768),
-        # `small` at half its width: the CPU recipe's, 1.6x narrow's steps in the hour (README)
+        # `small` at half its width: the CPU recipe's, 1.6-1.8x narrow's steps in the hour (README)
         "slim": dict(d_model=128, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=512),
         # Table 3
         "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, dropout=0.1),
