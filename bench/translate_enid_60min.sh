@@ -3,7 +3,8 @@
 # CPU recipe (no model or optimiser flag: the recipe is what the command does) on every pair in
 # ../shared/data/en-id except the OPUS-100 dev split, for at most 60 minutes of wall time, then
 # greedy and beam-4 output on that dev split scored with sacreBLEU and chrF, from the best
-# checkpoint (validation loss) and from the average of the last five (§6.1).
+# checkpoint (validation loss) and from the average of the last five (§6.1). Beam search takes the
+# length penalty the recipe records in the run (decoding.json: α 1.2 for the CPU recipe).
 # Run it alone on the machine: minutes shared with other work are worth less.
 # Usage: bench/translate_enid_60min.sh [OUT [TRAIN FLAG ...]]: flags after OUT go to `translate
 # train` (an ablation of the recipe at the same hour, e.g. `--dtype bfloat16`).

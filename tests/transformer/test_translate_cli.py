@@ -99,6 +99,40 @@ def test_run_translates_arguments(run_dir):
 
 
 @pytest.mark.slow
+def test_beam_search_takes_the_length_penalty_the_run_records(run_dir, data, tmp_path):
+    """`translate train` records its recipe's α (decoding.json); `translate eval` and `run` take it
+    when no --length-penalty is given, a given one wins, what is not a run gets §6.1's 0.6, and a
+    damaged record is a one-line error that names it, before any work."""
+    import argparse
+    import shutil
+
+    from fromscratch.errors import UserError
+    from fromscratch.transformer.cli import _decoding
+    from fromscratch.transformer.training import RECIPES
+    from fromscratch.transformer.translation import run_length_penalty
+
+    recorded = RECIPES["cpu"]["decoding"]["length_penalty"]  # the run trained on the CPU recipe
+    assert json.loads((run_dir / "decoding.json").read_text()) == {"length_penalty": recorded}
+
+    def alpha(checkpoint, given=None):
+        args = argparse.Namespace(beam=4, no_repeat_ngram=0, length_penalty=given, checkpoint=str(checkpoint))
+        return _decoding(args)["length_penalty"]
+
+    assert alpha(run_dir) == recorded != 0.6
+    assert alpha(run_dir / "checkpoints" / "step-00000010") == recorded  # one checkpoint of the run
+    assert alpha(run_dir, given=0.6) == 0.6
+    assert alpha(tmp_path) == alpha("Helsinki-NLP/opus-mt-en-id") == 0.6  # a directory that is no run, a hub name
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
+    (copy / "decoding.json").unlink()  # a run from before the record
+    assert run_length_penalty(copy) == 0.6
+    (copy / "decoding.json").write_text('{"length_penalty": "long"}')
+    with pytest.raises(UserError, match="decoding.json: length_penalty should be a number ≥ 0, not 'long'"):
+        run_length_penalty(copy)
+    result = fromscratch("translate", "eval", "--checkpoint", copy, "--test", data["test"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "decoding.json" in result.stderr
+
+
+@pytest.mark.slow
 def test_run_streams_stdin_line_by_line(run_dir):
     """Each translation arrives before the next line is even written: output is flushed per line."""
     proc = subprocess.Popen([sys.executable, "-m", "fromscratch", "translate", "run", "--checkpoint", str(run_dir),
@@ -161,6 +195,7 @@ def test_parser_wiring_and_the_recipes_of_each_device():
     assert (args.preset, args.batch_tokens, args.lr, args.warmup_steps) == (None, None, None, None)
     assert (args.max_steps, args.clip_grad) == (100_000, 1.0)
     assert (args.d_model, args.n_heads, args.n_encoder_layers, args.n_decoder_layers, args.d_ff) == (None,) * 5
+    assert args.cooldown is None and RECIPES["cpu"]["engine"]["cooldown"] == 0.2  # the last fifth, on the clock
     args = parser.parse_args(["translate", "train", "--train", "a", "--valid", "c", "--out", "o",
                               "--d-model", "192", "--n-decoder-layers", "2", "--d-ff", "768"])
     assert (args.d_model, args.n_heads, args.n_decoder_layers, args.d_ff) == (192, None, 2, 768)
@@ -168,10 +203,11 @@ def test_parser_wiring_and_the_recipes_of_each_device():
     gpu = RECIPES["gpu"]
     assert gpu["model"]["preset"] == "base" and gpu["model"]["batch_tokens"] == 25_000  # Table 3, §5.1
     assert gpu["engine"] == {"dtype": "bfloat16", "compile": True}
+    assert gpu["decoding"] == {"length_penalty": 0.6} and RECIPES["cpu"]["decoding"] == {"length_penalty": 1.2}
     paper = paper_train_config()
     assert (paper.lr, paper.warmup_steps, paper.betas, paper.eps) == (1.0, 4000, (0.9, 0.98), 1e-9)  # §5.3
     args = parser.parse_args(["translate", "eval", "--checkpoint", "r", "--test", "t"])
-    assert args.func is cmd_eval and args.beam == 4
+    assert args.func is cmd_eval and args.beam == 4 and args.length_penalty is None  # the run's (decoding.json)
     args = parser.parse_args(["translate", "run", "--checkpoint", "r", "hello", "world"])
     assert args.func is cmd_run and args.text == ["hello", "world"]
 

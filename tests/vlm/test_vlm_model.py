@@ -118,10 +118,12 @@ def test_cls_is_invisible_to_the_tokens_and_ignores_padding(model, tokenizer):
     with_cls, _ = model.decode(tokens, memory, with_cls=True)
     without, none = model.decode(tokens, memory)
     assert none is None
-    torch.testing.assert_close(with_cls, without, rtol=0, atol=1e-6)
+    # float32 products over 6 and 7 positions may block and round differently: 1.2e-6 seen on an
+    # AMD EPYC, over the 1e-6 this test first allowed.
+    torch.testing.assert_close(with_cls, without, rtol=0, atol=1e-5)
     alone = model.embed_texts([TEXTS[0]])
     batched = model.embed_texts([TEXTS[1], TEXTS[0]])  # TEXTS[1] is longer: TEXTS[0] gets padding
-    torch.testing.assert_close(batched[1:], alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(batched[1:], alone, rtol=0, atol=1e-5)
     assert torch.allclose(batched.norm(dim=-1), torch.ones(2))
 
 

@@ -20,7 +20,7 @@ from fromscratch.inputs import checked_text, stdin_lines
 from fromscratch.transformer.config import TransformerConfig
 from fromscratch.transformer.data import load_corpora, parse_repeats
 from fromscratch.transformer.training import RECIPES, SHAPE_FIELDS, paper_train_config, train
-from fromscratch.transformer.translation import evaluate_bleu, load_translator, translate
+from fromscratch.transformer.translation import evaluate_bleu, load_translator, run_length_penalty, translate
 
 RECIPE_FLAGS = sorted({name for r in RECIPES.values() for name in r["engine"]})  # engine flags a recipe sets
 
@@ -83,6 +83,9 @@ def register(subparsers) -> None:
             action.help = "multiplier on the noam schedule of §5.3 (default: the recipe's; 1.0 is the paper)"
         elif action.dest == "warmup_steps":
             action.help = "noam warm-up steps (default: the recipe's; 4000 in §5.3)"
+        elif action.dest == "cooldown":
+            action.help = action.help.replace("; 0 = off", "; 0 = off (default: the recipe's: "
+                                              f"{RECIPES['cpu']['engine']['cooldown']} on a CPU, 0 on a GPU)")
     train_p.set_defaults(func=cmd_train)
 
     checkpoint_help = "a run directory or one checkpoint in it, a Marian directory, or a hub name"
@@ -115,8 +118,9 @@ def register(subparsers) -> None:
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--length-penalty", type=float, default=0.6, metavar="ALPHA",
-                        help="beam search ranks by log P / ((5 + length) / 6)^ALPHA (default: 0.6, §6.1)")
+    parser.add_argument("--length-penalty", type=float, default=None, metavar="ALPHA",
+                        help="beam search ranks by log P / ((5 + length) / 6)^ALPHA (default: the one the run's "
+                             "recipe records, 1.2 for the CPU recipe's; else 0.6, §6.1)")
     parser.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
                         help="never produce an N-gram twice in a translation (default: 0, off)")
 
@@ -124,7 +128,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 def _decoding(args: argparse.Namespace) -> dict:
     _check_beam(args.beam)
     check_ngram_size(args.no_repeat_ngram, "--no-repeat-ngram")
-    return dict(beam_size=args.beam, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
+    length_penalty = run_length_penalty(args.checkpoint) if args.length_penalty is None else args.length_penalty
+    return dict(beam_size=args.beam, length_penalty=length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -51,7 +51,7 @@ from fromscratch.transformer.data import (
 from fromscratch.transformer.fast import accelerate
 from fromscratch.transformer.model import Transformer
 from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer, tag_token
-from fromscratch.transformer.translation import evaluate_bleu
+from fromscratch.transformer.translation import DECODING_RECORD, evaluate_bleu
 
 LABEL_SMOOTHING = 0.1  # ε_ls, §5.4
 DATA_RECORD = "translate_data.json"  # what the run was trained on; checked on --resume
@@ -93,11 +93,13 @@ class TranslationTask:
         bleu_samples: int = 200,
         eval_batch_tokens: int | None = None,
         repeats: dict[str, int] | None = None,
+        length_penalty: float | None = None,
     ):
         if model_config.vocab_size != tokenizer.vocab_size:
             raise UserError(f"model vocab_size {model_config.vocab_size} ≠ tokenizer's {tokenizer.vocab_size}")
         self.tokenizer, self.model_config = tokenizer, model_config
         self.batch_tokens, self.seed = batch_tokens, seed
+        self.length_penalty = length_penalty  # the beam search α the run records for `translate eval|run`
         # +1 for </s> (source) or <s> (target input) must still fit the positional table.
         self.max_tokens = min(max_tokens or model_config.max_seq_len, model_config.max_seq_len) - 1
         if batch_tokens < self.max_tokens + 1:
@@ -191,9 +193,12 @@ class TranslationTask:
         return metrics
 
     def save_artifacts(self, run_dir: Path) -> None:
-        """tokenizer.json beside the checkpoints, and a record of the data `check_resume` reads."""
+        """tokenizer.json beside the checkpoints, the decoding settings of the recipe
+        (`translation.run_length_penalty` reads them) and a record of the data `check_resume` reads."""
         run_dir = Path(run_dir)
         self.tokenizer.save(run_dir / TOKENIZER_FILE)
+        if self.length_penalty is not None:
+            (run_dir / DECODING_RECORD).write_text(json.dumps({"length_penalty": self.length_penalty}) + "\n")
         if not (run_dir / DATA_RECORD).exists():
             (run_dir / DATA_RECORD).write_text(json.dumps(self.fingerprint, indent=2) + "\n")
 
@@ -254,22 +259,26 @@ SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d
 # 64 beat 256, and 48 beat 64, each in two hours of two seeds; 32 kept half the pairs and scored
 # no better), a 4,000-token vocabulary (two seeds; Sennrich & Zhang 2019 found fewer merges
 # better for little data), in float32: bfloat16 autocast raised chrF but not BLEU over two seeds
-# of an hour. Dropout 0, over-sampled conversational corpora and a cooldown won at ten minutes but
-# lost over the hour together; dropout 0.2 and 5 encoder + 2 decoder layers each lost over an hour
-# (README), so they stay flags (--dropout, --repeat, --cooldown, --n-encoder-layers, ...), not
-# the recipe.
+# of an hour. The rate falls to ~0 over the last fifth of the run (`cooldown`: on `slim`, a lower
+# validation loss at equal steps on two seeds; the annealed last checkpoint scores as the average
+# of five did), and beam search takes α = 1.2 (`decoding`, recorded in each run: outputs a tenth
+# shorter than the references at §6.1's 0.6; +0.2 BLEU and +0.7 chrF on two seeds). Dropout 0 and
+# over-sampled conversational corpora won at ten minutes but lost over the hour (with a cooldown,
+# on `small`); dropout 0.2 and 5 encoder + 2 decoder layers each lost over an hour (README), so
+# they stay flags (--dropout, --repeat, --n-encoder-layers, ...), not the recipe.
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
                            dropout=None),
-                engine=dict(dtype="bfloat16", compile=True)),
+                engine=dict(dtype="bfloat16", compile=True), decoding=dict(length_penalty=0.6)),
     "cpu": dict(model=dict(preset="slim", vocab_size=4000, batch_tokens=1500, max_tokens=48, norm_first=True,
                            dropout=None),
-                engine=dict(lr=1.0, warmup_steps=400, eval_every=500, save_every=250, keep_last=5)),
+                engine=dict(lr=1.0, warmup_steps=400, eval_every=500, save_every=250, keep_last=5, cooldown=0.2),
+                decoding=dict(length_penalty=1.2)),
 }
 
 
 def recipe(device: str = "auto") -> dict:
-    """The default settings of `train` for `device`: {"model": ..., "engine": ...} (RECIPES)."""
+    """The default settings of `train` for `device`: {"model": ..., "engine": ..., "decoding": ...} (RECIPES)."""
     from fromscratch.devices import resolve_device
 
     return RECIPES["gpu" if resolve_device(device).type == "cuda" else "cpu"]
@@ -341,7 +350,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
                                        source_tag=tag)
     model_config = TransformerConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
     task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
-                           seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples, repeats=repeats)
+                           seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples, repeats=repeats,
+                           length_penalty=defaults["decoding"]["length_penalty"])
     del train_corpus  # the task holds the token ids; the text need not stay in memory beside them
     config.noam_d_model = model_config.d_model
     # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.

@@ -12,6 +12,10 @@ settings under which the two agree). A sentence longer than the model's context 
 silently: it is split at sentence ends (". ", "! ", "? ") into pieces that fit — or, for one
 sentence that alone does not fit, at the token limit — each piece is translated, and the pieces
 are joined; `report` is told which line was split and into how many pieces.
+
+`run_length_penalty(SPEC)` is the α a `translate train` run's recipe records for beam search
+(`decoding.json`; the CPU recipe's small models stop early and take a larger α than §6.1's 0.6);
+`translate eval|run` use it when no `--length-penalty` is given.
 """
 
 import logging
@@ -23,6 +27,7 @@ import torch
 
 from fromscratch.checkpoints.resolve import resolve_checkpoint
 from fromscratch.checkpoints.runs import run_checkpoint
+from fromscratch.checkpoints.safe import read_json_object
 from fromscratch.errors import UserError
 from fromscratch.transformer.checkpoints import MARIAN_HUB_FILES
 from fromscratch.transformer.data import collate_source
@@ -31,6 +36,8 @@ from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer
 
 logger = logging.getLogger(__name__)
 SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+DECODING_RECORD = "decoding.json"  # in a run directory: {"length_penalty": α} of the recipe that trained it
+PAPER_LENGTH_PENALTY = 0.6  # α of §6.1
 
 
 def load_translator(spec: str | Path, device: str = "cpu", average: int | None = None):
@@ -55,6 +62,20 @@ def load_translator(spec: str | Path, device: str = "cpu", average: int | None =
     return model, tokenizer
 
 
+def run_length_penalty(spec: str | Path) -> float:
+    """The length penalty α beam search takes for `spec` when not told: the one its run's recipe
+    recorded (`decoding.json`, written by `translate train`), else §6.1's 0.6 (a Marian directory,
+    a hub name, a run trained before the record existed)."""
+    found = run_checkpoint(spec) if Path(spec).exists() else None
+    record = found[1] / DECODING_RECORD if found else None
+    if record is None or not record.exists():
+        return PAPER_LENGTH_PENALTY
+    alpha = read_json_object(record).get("length_penalty")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
+        raise UserError(f"{record}: length_penalty should be a number ≥ 0, not {alpha!r}")
+    return float(alpha)
+
+
 def split_to_fit(text: str, ids: list[int], tokenizer, limit: int) -> list[list[int]]:
     """Token ids of `text` (`ids`) in pieces of at most `limit` tokens: whole sentences packed
     greedily, and a sentence longer than `limit` on its own cut every `limit` tokens."""
@@ -75,7 +96,7 @@ def split_to_fit(text: str, ids: list[int], tokenizer, limit: int) -> list[list[
 
 @torch.no_grad()
 def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size: int = 64,
-              length_penalty: float = 0.6, report: Callable[[str], None] | None = None,
+              length_penalty: float = PAPER_LENGTH_PENALTY, report: Callable[[str], None] | None = None,
               length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0) -> list[str]:
     """Detokenised translations of `lines`, in order. Sentences are decoded in batches of similar
     length; a line longer than the model's context is translated in pieces (module docstring),
@@ -116,7 +137,7 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
 
 
 def evaluate_bleu(model, tokenizer, src_lines: list[str], ref_lines: list[str], beam_size: int = 4,
-                  batch_size: int = 64, length_penalty: float = 0.6, length_penalty_style: str = "gnmt",
+                  batch_size: int = 64, length_penalty: float = PAPER_LENGTH_PENALTY, length_penalty_style: str = "gnmt",
                   no_repeat_ngram_size: int = 0) -> dict:
     """Translate `src_lines` and score against `ref_lines` with sacreBLEU (default 13a
     tokenisation, on detokenised text): {"bleu", "chrf", "hypotheses"}."""
