@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fromscratch.engine import TrainConfig, Trainer, check_run_state, make_train_config
+from fromscratch.engine.checkpoint import write_json
 from fromscratch.errors import UserError
 from fromscratch.transformer.config import TransformerConfig
 from fromscratch.transformer.data import (
@@ -198,9 +199,9 @@ class TranslationTask:
         run_dir = Path(run_dir)
         self.tokenizer.save(run_dir / TOKENIZER_FILE)
         if self.length_penalty is not None:
-            (run_dir / DECODING_RECORD).write_text(json.dumps({"length_penalty": self.length_penalty}) + "\n")
+            write_json(run_dir / DECODING_RECORD, {"length_penalty": self.length_penalty})
         if not (run_dir / DATA_RECORD).exists():
-            (run_dir / DATA_RECORD).write_text(json.dumps(self.fingerprint, indent=2) + "\n")
+            write_json(run_dir / DATA_RECORD, self.fingerprint)
 
     def check_resume(self, run_dir: Path) -> None:
         """Refuse to resume a run on other data or batches: the step → batch map would change."""
@@ -264,8 +265,10 @@ SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d
 # of five did), and beam search takes α = 1.2 (`decoding`, recorded in each run: outputs a tenth
 # shorter than the references at §6.1's 0.6; +0.2 BLEU and +0.7 chrF on two seeds). Dropout 0 and
 # over-sampled conversational corpora won at ten minutes but lost over the hour (with a cooldown,
-# on `small`); dropout 0.2 and 5 encoder + 2 decoder layers each lost over an hour (README), so
-# they stay flags (--dropout, --repeat, --n-encoder-layers, ...), not the recipe.
+# on `small`); dropout 0.2 and 5 encoder + 2 decoder layers each lost over an hour; on `slim`,
+# 4 + 4 layers, dropout 0 (it overfits after ~5,000 steps) and dropout 0.2 trailed in screens, and
+# pairs of up to 64 tokens lost over an hour (README), so they stay flags (--dropout, --repeat,
+# --n-encoder-layers, --max-tokens, ...), not the recipe.
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
                            dropout=None),
