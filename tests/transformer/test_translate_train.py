@@ -1,6 +1,7 @@
 """TranslationTask under the shared engine: pure batches, the §5.4 loss, evaluation, exact resume,
 and BLEU on detokenised text."""
 
+import json
 import math
 import re
 
@@ -285,6 +286,39 @@ def two_file_corpus():
     return corpus
 
 
+def test_bpe_dropout_segments_each_batch_anew_as_a_function_of_the_step(corpora):
+    """--bpe-dropout: a step's batch is the same pairs as without it, each side segmented anew
+    (finer, decoding to the same text), a pure function of (seed, step); tagged sources keep their
+    tag; a side that comes out longer than --max-tokens keeps its plain BPE; validation is plain."""
+    _, valid = corpora
+    train = two_file_corpus()
+    tokenizer = BPETokenizer.train(train.src + train.tgt + valid.src + valid.tgt, vocab_size=400, source_tag="short")
+    whole = make_task((train, valid), tokenizer, batch_tokens=40).train_pairs
+    longest = int(max(whole.src_lengths.max(), whole.tgt_lengths.max()))
+    # --max-tokens counts </s>: the longest plain side fits exactly, and its finer splits do not.
+    plain = make_task((train, valid), tokenizer, batch_tokens=40, max_tokens=longest + 1)
+    a, b = (make_task((train, valid), tokenizer, batch_tokens=40, max_tokens=longest + 1, bpe_dropout=0.5)
+            for _ in range(2))
+    assert a.max_tokens == longest
+    assert a.fingerprint["bpe_dropout"] == 0.5 and "bpe_dropout" not in plain.fingerprint
+    finer = kept_plain = 0
+    for step in range(1, 13):
+        batches = plain.global_batch(step), a.global_batch(step), b.global_batch(step)
+        assert all(torch.equal(batches[1][k], batches[2][k]) for k in ("src", "tgt_in", "tgt_out"))
+        for side in ("src", "tgt_out"):
+            for plain_row, row in zip(batches[0][side].tolist(), batches[1][side].tolist()):
+                plain_row, row = [i for i in plain_row if i], [i for i in row if i]
+                assert tokenizer.decode(row) == tokenizer.decode(plain_row)
+                assert (row[0] == 4) == (plain_row[0] == 4)  # the tag, on the "short" file's sources only
+                assert len(row) - 1 <= a.max_tokens  # </s> aside
+                finer += len(row) > len(plain_row)
+                kept_plain += row == plain_row and len(row) - 1 == longest
+    assert finer > 6 and kept_plain > 0
+    assert all(np.array_equal(x, y) for x, y in zip(a.valid_batches, plain.valid_batches))
+    assert np.array_equal(a.valid_pairs.src, plain.valid_pairs.src)
+    assert np.array_equal(a.valid_pairs.tgt, plain.valid_pairs.tgt)
+
+
 def test_repeat_puts_a_corpus_n_times_into_every_epoch(corpora, tokenizer):
     """--repeat short=3: one epoch's batches hold each "short" pair three times and each "long"
     pair once; the text and token ids are held once."""
@@ -369,6 +403,23 @@ def test_train_with_a_tag_keeps_it_in_the_run_and_refuses_to_resume_without_it(t
         train("demo:train", "demo:test", tmp_path / "other", tag="tatoeba", **settings)
     train("demo:train", "demo:test", tmp_path / "auto", tag="auto", **settings)  # the one training file
     assert load_translator(tmp_path / "auto")[1].source_tag == "everyday"
+
+
+def test_train_with_bpe_dropout_records_it_and_a_resume_must_repeat_it(tmp_path):
+    """`train(..., bpe_dropout=P)` trains (the run is an ordinary one to translate with), records P
+    with its data, and a resume without it, or with a rate outside [0, 1), is refused."""
+    from fromscratch.transformer import train
+
+    out = tmp_path / "bpe-dropout"
+    settings = dict(preset="tiny", vocab_size=300, bleu_samples=0, device="cpu")
+    result = train("demo:train", "demo:test", out, bpe_dropout=0.1, max_steps=2, **settings)
+    assert result["step"] == 2 and load_translator(out)[1].vocab_size == 300
+    assert json.loads((out / "translate_data.json").read_text())["bpe_dropout"] == 0.1
+    with pytest.raises(UserError, match=r"bpe_dropout 0.1 → None"):
+        train("demo:train", "demo:test", out, resume=True, max_steps=3, **settings)
+    for bad in (1.0, -0.5):
+        with pytest.raises(UserError, match="--bpe-dropout must be a probability"):
+            train("demo:train", "demo:test", tmp_path / "bad", bpe_dropout=bad, max_steps=1, **settings)
 
 
 def test_tag_auto_picks_the_training_file_whose_words_are_most_like_the_validation_targets():

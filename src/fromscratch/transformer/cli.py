@@ -71,6 +71,10 @@ def register(subparsers) -> None:
                               "NAME, and before every source the model validates and translates: it learns that "
                               "corpus's style and translates in it (e.g. --tag tatoeba; Sennrich et al. 2016); auto: the "
                               "training file whose words are most like the validation targets'")
+    train_p.add_argument("--bpe-dropout", type=float, default=0.0, metavar="P",
+                         help="segment each training batch anew, skipping each BPE merge with probability P "
+                              "(BPE-dropout, Provilkov et al. 2020; e.g. 0.1); validation and translation keep "
+                              "the plain segmentation (default: 0, off)")
     train_p.add_argument("--bleu-samples", type=int, default=200,
                          help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
     add_train_arguments(train_p, paper_train_config())
@@ -137,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                    batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, dropout=args.dropout,
                    norm_first=args.norm_first, shape={name: getattr(args, name) for name in SHAPE_FIELDS},
                    bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat), tag=args.tag,
-                   command=["fromscratch", *sys.argv[1:]], **engine_options(args))
+                   bpe_dropout=args.bpe_dropout, command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
 
 

@@ -17,14 +17,21 @@ Built with Hugging Face `tokenizers`:
 
 `encode` returns the BPE ids only; adding </s> and <s> is the batcher's job (`data.collate`), and
 adding the source tag that of the training data (`data.TokenizedPairs`) and of `translate`.
+
+`BPEDropout` segments training text stochastically (Provilkov et al. 2020, `translate train
+--bpe-dropout P`): the same merges, each one skipped with probability P where it could apply, so a
+word is seen split in several ways over the epochs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from fromscratch.errors import UserError
@@ -129,3 +136,92 @@ class BPETokenizer:
             return cls(Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise UserError(f"cannot read tokenizer {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE-dropout (Provilkov et al. 2020)
+
+
+def bpe_segment(symbols: list[str], ranks: dict[tuple[str, str], int], p: float = 0.0,
+                draw=random.random) -> list[str]:
+    """Apply BPE merges to one pre-tokenised word (a list of its byte symbols), the best-ranked
+    adjacent pair first and the leftmost of equals, as `tokenizers` does; with `p` > 0 each pair
+    that could be merged is skipped at that step with probability p (BPE-dropout, §2 of the
+    paper), and the word stops merging when every candidate was skipped."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        best, best_rank = -1, None
+        for i in range(len(symbols) - 1):
+            rank = ranks.get((symbols[i], symbols[i + 1]))
+            # Only a candidate that would be the best so far needs its draw: the others cannot win.
+            if rank is not None and (best_rank is None or rank < best_rank) and not (p and draw() < p):
+                best, best_rank = i, rank
+        if best < 0:
+            break
+        symbols[best:best + 2] = [symbols[best] + symbols[best + 1]]
+    return symbols
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of range(start, start + length) for each pair, as one index array."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - ends + lengths, lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+
+
+class BPEDropout:
+    """Stochastic segmentations of a fixed list of texts, for training (Provilkov et al. 2020).
+
+    Each text is held as the ids of its words' types (pre-tokenised as `tokenizer` does); each type
+    has `variants` segmentations drawn once with BPE-dropout at rate `p` (seeded by `seed`), and
+    `sample` picks one of them for every word of the asked texts independently. Drawing the
+    variants once costs a Python loop per type, not per occurrence, and makes a sample a cheap
+    gather that depends only on the numpy generator it is given.
+    """
+
+    def __init__(self, tokenizer: BPETokenizer, texts: Sequence[str], p: float, variants: int = 8, seed: int = 0):
+        if not 0 <= p < 1:
+            raise UserError(f"--bpe-dropout must be a probability in [0, 1), got {p}")
+        if variants < 1:
+            raise ValueError(f"variants must be at least 1, got {variants}")
+        tok = tokenizer.tokenizer
+        model = json.loads(tok.to_str())["model"]
+        if model.get("type") != "BPE":
+            raise UserError(f"BPE-dropout needs a BPE tokenizer, not {model.get('type')}")
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        ranks = {pair: rank for rank, pair in enumerate(merges)}
+        vocab = tok.get_vocab()
+        self.p, self.variants = p, variants
+        type_of: dict[str, int] = {}
+        words, counts = [], []
+        for text in texts:
+            pieces = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))
+            counts.append(len(pieces))
+            words.extend(type_of.setdefault(piece, len(type_of)) for piece, _ in pieces)
+        self.word_types = np.asarray(words, dtype=np.int32)
+        self.word_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        draw = random.Random(seed).random
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        tokens, lengths = [], []
+        for word in type_of:  # insertion order: type id order
+            for _ in range(variants):
+                ids = [vocab[s] for s in bpe_segment(list(word), ranks, p, draw)]
+                tokens.extend(ids)
+                lengths.append(len(ids))
+        self.segment_tokens = np.asarray(tokens, dtype=dtype)
+        self.segment_lengths = np.asarray(lengths, dtype=np.int64)
+        self.segment_offsets = np.concatenate([[0], np.cumsum(self.segment_lengths)[:-1]]).astype(np.int64)
+
+    @property
+    def n_types(self) -> int:
+        return len(self.segment_lengths) // self.variants
+
+    def sample(self, rows: Sequence[int], rng: np.random.Generator) -> list[np.ndarray]:
+        """Token ids of texts `rows`, each word segmented by one of its variants chosen by `rng`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n_words = self.word_offsets[rows + 1] - self.word_offsets[rows]
+        types = self.word_types[_ranges(self.word_offsets[rows], n_words)].astype(np.int64)
+        chosen = types * self.variants + rng.integers(self.variants, size=len(types))
+        lengths = self.segment_lengths[chosen]
+        flat = self.segment_tokens[_ranges(self.segment_offsets[chosen], lengths)]
+        ends = np.concatenate([[0], np.cumsum(lengths)])[np.cumsum(n_words)]  # each text's last token, exclusive
+        return np.split(flat, ends[:-1])

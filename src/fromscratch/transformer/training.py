@@ -51,10 +51,11 @@ from fromscratch.transformer.data import (
 )
 from fromscratch.transformer.fast import accelerate
 from fromscratch.transformer.model import Transformer
-from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer, tag_token
+from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPEDropout, BPETokenizer, tag_token
 from fromscratch.transformer.translation import DECODING_RECORD, evaluate_bleu
 
 LABEL_SMOOTHING = 0.1  # ε_ls, §5.4
+BPE_DROPOUT_STREAM = 0xB9E  # the third key of a step's BPE-dropout generator: [seed, step, this]
 DATA_RECORD = "translate_data.json"  # what the run was trained on; checked on --resume
 
 
@@ -95,6 +96,7 @@ class TranslationTask:
         eval_batch_tokens: int | None = None,
         repeats: dict[str, int] | None = None,
         length_penalty: float | None = None,
+        bpe_dropout: float = 0.0,
     ):
         if model_config.vocab_size != tokenizer.vocab_size:
             raise UserError(f"model vocab_size {model_config.vocab_size} ≠ tokenizer's {tokenizer.vocab_size}")
@@ -112,8 +114,15 @@ class TranslationTask:
         # With a source tag (`--tag NAME`, held by the tokenizer) the sources of NAME's files start
         # with it, and so does every validation source: the model is scored in the style it is steered to.
         tag = tokenizer.source_tag
-        self.train_pairs, keep = self._encode(train, "training", self.max_tokens,
-                                              tagged_pairs(train.origins, tag) if tag else False)
+        tagged = tagged_pairs(train.origins, tag) if tag else np.zeros(len(train), dtype=bool)
+        self.train_pairs, keep = self._encode(train, "training", self.max_tokens, tagged)
+        # --bpe-dropout P: each batch's pairs segmented anew (tokenizer.BPEDropout); the batches are
+        # planned on the plain segmentation's lengths, and validation keeps the plain segmentation.
+        self.bpe_dropout = None
+        if bpe_dropout:
+            self.bpe_dropout = [BPEDropout(tokenizer, [texts[i] for i in keep], bpe_dropout, seed=seed)
+                                for texts in (train.src, train.tgt)]
+            self.train_tagged = tagged[keep]
         # An epoch's pairs: each kept pair once, or as many times as --repeat asks for its corpus.
         self.epoch_pairs = np.repeat(np.arange(len(keep)), repeat_counts(train.origins, repeats)[keep]) \
             if repeats else np.arange(len(keep))
@@ -143,6 +152,8 @@ class TranslationTask:
             self.fingerprint["repeats"] = dict(sorted(repeats.items()))
         if tag:
             self.fingerprint["tag"] = tag
+        if bpe_dropout:
+            self.fingerprint["bpe_dropout"] = bpe_dropout
 
     def _encode(self, corpus: ParallelCorpus, what: str, max_tokens: int,
                 tagged: np.ndarray | bool = False) -> tuple[TokenizedPairs, list[int]]:
@@ -158,7 +169,21 @@ class TranslationTask:
 
     def global_batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of (1-based) optimizer step `step`: src, tgt_in, tgt_out, each (B, ·)."""
-        return self._collate(self.train_pairs, self.epoch_pairs[self.schedule(step - 1)])
+        rows = self.epoch_pairs[self.schedule(step - 1)]
+        if self.bpe_dropout is None:
+            return self._collate(self.train_pairs, rows)
+        return self._collate_dropped(rows, np.random.default_rng([self.seed, step, BPE_DROPOUT_STREAM]))
+
+    def _collate_dropped(self, rows, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The pairs `rows` segmented with BPE-dropout: a side that comes out longer than
+        `max_tokens` keeps its plain segmentation, so every batch still fits the model."""
+        prefix = np.asarray(self.tokenizer.source_prefix, dtype=self.train_pairs.src.dtype)
+        src, tgt = (dropout.sample(rows, rng) for dropout in self.bpe_dropout)
+        src = [np.concatenate([prefix, ids]) if tagged else ids for ids, tagged in zip(src, self.train_tagged[rows])]
+        src = [ids if len(ids) <= self.max_tokens else self.train_pairs.source(i) for ids, i in zip(src, rows)]
+        tgt = [ids if len(ids) <= self.max_tokens else self.train_pairs.target(i) for ids, i in zip(tgt, rows)]
+        t = self.tokenizer
+        return collate(src, tgt, t.pad_id, self.model_config.start_id, t.eos_id)
 
     def _collate(self, pairs: TokenizedPairs, rows) -> dict[str, torch.Tensor]:
         t = self.tokenizer
@@ -209,10 +234,11 @@ class TranslationTask:
         if not record.exists():
             return
         old = json.loads(record.read_text())
-        changed = [f"{k} {old.get(k)} → {v}" for k, v in self.fingerprint.items() if old.get(k) != v]
+        keys = list(self.fingerprint) + [k for k in old if k not in self.fingerprint]  # one side's only, too
+        changed = [f"{k} {old.get(k)} → {self.fingerprint.get(k)}" for k in keys if old.get(k) != self.fingerprint.get(k)]
         if changed:
             raise UserError(f"--resume: the data differ from those {run_dir} was trained on ({'; '.join(changed)}); "
-                            "repeat the original --train/--valid/--batch-tokens/--max-tokens or use a new --out")
+                            "repeat the original --train/--valid/--batch-tokens/--max-tokens/--bpe-dropout or use a new --out")
 
     def flops_per_token(self) -> float:
         """Training FLOPs per target token, the usual 6·N + attention estimate (Kaplan et al. 2020):
@@ -291,7 +317,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
           vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int | None = None,
           dropout: float | None = None, norm_first: bool | None = None, shape: dict[str, int] | None = None,
           bleu_samples: int = 200, repeats: dict[str, int] | None = None, tag: str | None = None,
-          command: list[str] | None = None, **engine) -> dict:
+          bpe_dropout: float = 0.0, command: list[str] | None = None, **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
     `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
     `out`. A setting left None takes the device's recipe (`RECIPES`: on a CPU the one-hour recipe,
@@ -305,6 +331,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     and before every source the run validates and translates (`--tag tatoeba`; tokenizer.py);
     "auto" takes the training file whose words are most like the validation targets'
     (`data.closest_corpus`).
+    `bpe_dropout`: P > 0 segments each training batch anew with BPE-dropout at rate P
+    (Provilkov et al. 2020; `tokenizer.BPEDropout`); validation and translation keep the plain BPE.
     Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
     """
     defaults = recipe(engine.get("device") or "auto")
@@ -318,6 +346,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 260")
     if batch_tokens < 8:
         raise UserError(f"--batch-tokens {batch_tokens} is too small")
+    if not 0 <= bpe_dropout < 1:
+        raise UserError(f"--bpe-dropout must be a probability in [0, 1), got {bpe_dropout}")
     overrides = {name: settings[name] for name in ("dropout", "norm_first") if settings[name] is not None}
     for name, value in (shape or {}).items():
         if name not in SHAPE_FIELDS:
@@ -354,7 +384,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     model_config = TransformerConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
     task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
                            seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples, repeats=repeats,
-                           length_penalty=defaults["decoding"]["length_penalty"])
+                           length_penalty=defaults["decoding"]["length_penalty"], bpe_dropout=bpe_dropout)
     del train_corpus  # the task holds the token ids; the text need not stay in memory beside them
     config.noam_d_model = model_config.d_model
     # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.
@@ -362,7 +392,9 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     if config.resume:
         task.check_resume(out)
     print(f"train: {len(task.train_pairs)} pairs; valid: {len(task.valid_pairs)} pairs; "
-          f"vocab {tokenizer.vocab_size}; {sum(p.numel() for p in task.model.parameters()):,} parameters",
+          f"vocab {tokenizer.vocab_size}; {sum(p.numel() for p in task.model.parameters()):,} parameters"
+          + (f"; BPE-dropout {bpe_dropout}: {task.bpe_dropout[0].variants} splits of each of "
+             f"{sum(d.n_types for d in task.bpe_dropout):,} word types" if task.bpe_dropout else ""),
           file=sys.stderr)
     return Trainer(task, config, command=command).fit()
 
