@@ -292,9 +292,10 @@ SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d
 # shorter than the references at §6.1's 0.6; +0.2 BLEU and +0.7 chrF on two seeds). Dropout 0 and
 # over-sampled conversational corpora won at ten minutes but lost over the hour (with a cooldown,
 # on `small`); dropout 0.2 and 5 encoder + 2 decoder layers each lost over an hour; on `slim`,
-# 4 + 4 layers, dropout 0 (it overfits after ~5,000 steps) and dropout 0.2 trailed in screens, and
-# pairs of up to 64 tokens lost over an hour (README), so they stay flags (--dropout, --repeat,
-# --n-encoder-layers, --max-tokens, ...), not the recipe.
+# 4 + 4 layers, dropout 0 (it overfits after ~5,000 steps), dropout 0.2, --lr 2 and BPE-dropout 0.1
+# trailed in screens, and pairs of up to 64 tokens (an hour) and --lr 0.5 (the hour's steps) lost
+# (README), so they stay flags (--dropout, --repeat, --n-encoder-layers, --max-tokens, --lr,
+# --bpe-dropout, ...), not the recipe.
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
                            dropout=None),
