@@ -162,6 +162,12 @@ def bpe_segment(symbols: list[str], ranks: dict[tuple[str, str], int], p: float 
     return symbols
 
 
+def check_bpe_dropout(p: float) -> None:
+    """Refuse a BPE-dropout rate outside [0, 1) (at 1 no word would ever merge)."""
+    if not 0 <= p < 1:
+        raise UserError(f"--bpe-dropout must be a probability in [0, 1), got {p}")
+
+
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The concatenation of range(start, start + length) for each pair, as one index array."""
     ends = np.cumsum(lengths)
@@ -179,8 +185,7 @@ class BPEDropout:
     """
 
     def __init__(self, tokenizer: BPETokenizer, texts: Sequence[str], p: float, variants: int = 8, seed: int = 0):
-        if not 0 <= p < 1:
-            raise UserError(f"--bpe-dropout must be a probability in [0, 1), got {p}")
+        check_bpe_dropout(p)
         if variants < 1:
             raise ValueError(f"variants must be at least 1, got {variants}")
         tok = tokenizer.tokenizer

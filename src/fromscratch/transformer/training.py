@@ -51,7 +51,7 @@ from fromscratch.transformer.data import (
 )
 from fromscratch.transformer.fast import accelerate
 from fromscratch.transformer.model import Transformer
-from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPEDropout, BPETokenizer, tag_token
+from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPEDropout, BPETokenizer, check_bpe_dropout, tag_token
 from fromscratch.transformer.translation import DECODING_RECORD, evaluate_bleu
 
 LABEL_SMOOTHING = 0.1  # ε_ls, §5.4
@@ -347,8 +347,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 260")
     if batch_tokens < 8:
         raise UserError(f"--batch-tokens {batch_tokens} is too small")
-    if not 0 <= bpe_dropout < 1:
-        raise UserError(f"--bpe-dropout must be a probability in [0, 1), got {bpe_dropout}")
+    check_bpe_dropout(bpe_dropout)  # before the corpora are read
     overrides = {name: settings[name] for name in ("dropout", "norm_first") if settings[name] is not None}
     for name, value in (shape or {}).items():
         if name not in SHAPE_FIELDS:
