@@ -43,6 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromscratch.blocks import scaled_dot_product_attention
+from fromscratch.fast.attention import applies as short_attention_applies
+from fromscratch.fast.attention import short_attention
 from fromscratch.fast.cross_entropy import linear_cross_entropy
 from fromscratch.fast.dropout import Dropout
 from fromscratch.fast.packed import PackedCopy, bias_blocks, blocked_matmul, packed
@@ -107,8 +109,11 @@ class FusedMultiHeadAttention(MultiHeadAttention):
         # QKᵀ, softmax, ·V at translation lengths: 14 ms against 3 ms for 60 × 4 heads × 25 × 64),
         # so CPU autocast takes the written-out form.
         use_sdpa = self.use_sdpa and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
-        out = scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v), mask,
-                                           is_causal, use_sdpa=use_sdpa)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        if short_attention_applies(q, k):  # training on short sequences: fast/attention.py
+            out = short_attention(q, k, v, mask, is_causal)
+        else:
+            out = scaled_dot_product_attention(q, k, v, mask, is_causal, use_sdpa=use_sdpa)
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, d_model)
         return self.out_proj(out if rows is None else rows.pack(out))
