@@ -7,7 +7,9 @@
    `LayerNorm` becomes a `FastLayerNorm`, whose backward pass is written out (autograd through
    `LayerNorm.forward` records seven operations and keeps their intermediates), and each
    nn.Dropout a `fromscratch.fast.dropout.Dropout`, whose mask takes a quarter of the random
-   draws (p rounded to a multiple of 1/65,536).
+   draws (p rounded to a multiple of 1/65,536). Attention over at most 64 keys, in training,
+   is `fromscratch.fast.attention.short_attention`: one batched product for all the (sentence,
+   head) blocks instead of PyTorch's CPU flash kernel, which walks them one by one.
 3. No work on padding in training: `padding_free_loss` runs every position-wise step (the
    products, norms, dropout and residuals of every layer, and the loss) on the real positions of
    the batch only, and gives attention its padded (B, T) layout (`RealPositions`). A
