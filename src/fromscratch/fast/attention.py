@@ -68,7 +68,7 @@ class _ShortAttention(torch.autograd.Function):
         v = value.reshape(b * h, t_k, d_v)
         scores = torch.bmm(q, k.transpose(1, 2)).view(b, h, t_q, t_k)  # (B, H, T_q, T_k)
         scores = scores.mul_(scale) if bias is None else torch.add(bias, scores, alpha=scale)
-        weights = scores.view(b * h, t_q, t_k).softmax(dim=-1)
+        weights = scores.reshape(b * h, t_q, t_k).softmax(dim=-1)  # a view: the add writes (B, H, T_q, T_k) in order
         out = torch.bmm(weights, v)  # (B·H, T_q, d_v)
         ctx.save_for_backward(q, k, v, weights, out)
         ctx.scale = scale
