@@ -57,14 +57,10 @@ def scaled_dot_product_attention(
             causal_kernel = True
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=causal_kernel)
     if is_causal:
-        causal = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
-        mask = causal if mask is None else mask & causal
+        mask = with_causal_mask(mask, t_q, t_k, query.device)
     if use_sdpa:
-        if mask is not None:
-            # An additive mask with a finite minimum keeps the two paths identical.
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask, torch.finfo(query.dtype).min
-            )
+        if mask is not None:  # an additive mask with a finite minimum keeps the two paths identical
+            mask = additive_mask(mask, query.dtype)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
     scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, T_q, T_k)
     if mask is not None:
@@ -73,6 +69,18 @@ def scaled_dot_product_attention(
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ value  # (B, H, T_q, d_v)
+
+
+def with_causal_mask(mask: torch.Tensor | None, t_q: int, t_k: int, device) -> torch.Tensor:
+    """`mask` (or nothing) and the decoder's causal mask, aligned to the end: query i sees key
+    j ≤ i + (T_k − T_q)."""
+    causal = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
+    return causal if mask is None else mask & causal
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True where allowed) as scores to add: 0, or the most negative finite number."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def _grouped_attention(query, key, value, mask, is_causal, dropout_p, use_sdpa) -> torch.Tensor:

@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from fromscratch.blocks.attention import additive_mask, with_causal_mask
+
 MAX_KEYS = 64  # above this many keys PyTorch's kernel is as fast (bench: T 128 and 250 within ±15 %)
 
 
@@ -46,14 +48,9 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     rows (no grouped queries) and no dropout: query (B, H, T_q, d_k), key (B, H, T_k, d_k), value
     (B, H, T_k, d_v); mask boolean, broadcastable to (B, H, T_q, T_k), True where allowed; is_causal
     aligned to the end as there. Returns (B, H, T_q, d_v)."""
-    t_q, t_k = query.size(-2), key.size(-2)
     if is_causal:
-        causal = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
-        mask = causal if mask is None else mask & causal
-    bias = None
-    if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-            ~mask, torch.finfo(query.dtype).min)
+        mask = with_causal_mask(mask, query.size(-2), key.size(-2), query.device)
+    bias = None if mask is None else additive_mask(mask, query.dtype)
     return _ShortAttention.apply(query, key, value, bias)
 
 
