@@ -199,6 +199,8 @@ def test_parser_wiring_and_the_recipes_of_each_device():
     args = parser.parse_args(["translate", "train", "--train", "a", "--valid", "c", "--out", "o",
                               "--d-model", "192", "--n-decoder-layers", "2", "--d-ff", "768"])
     assert (args.d_model, args.n_heads, args.n_decoder_layers, args.d_ff) == (192, None, 2, 768)
+    assert args.activation is None and parser.parse_args(
+        ["translate", "train", "--train", "a", "--valid", "c", "--out", "o", "--activation", "gelu"]).activation == "gelu"
     assert args.bpe_dropout == 0.0 and parser.parse_args(
         ["translate", "train", "--train", "a", "--valid", "c", "--out", "o", "--bpe-dropout", "0.1"]).bpe_dropout == 0.1
     assert recipe("cpu") is RECIPES["cpu"] and RECIPES["cpu"]["model"]["preset"] == "slim"

@@ -249,23 +249,29 @@ def test_train_with_no_settings_takes_the_cpu_recipe_and_a_given_flag_wins(tmp_p
 
 
 def test_shape_flags_replace_the_presets_sizes_and_a_resume_must_repeat_them(tmp_path):
-    """`--d-model 32 --n-heads 2 --n-decoder-layers 1` on `tiny`: the run's model has those sizes
-    and the preset's others; bad sizes fail before any work; resuming with other sizes is refused."""
+    """`--d-model 32 --n-heads 2 --n-decoder-layers 1 --activation gelu` on `tiny`: the run's model
+    has those sizes and the preset's others; bad sizes fail before any work; resuming with other
+    sizes is refused."""
     import json
 
     from fromscratch.transformer import train
 
     shape = {"d_model": 32, "n_heads": 2, "n_encoder_layers": None, "n_decoder_layers": 1, "d_ff": None}
     common = dict(preset="tiny", bleu_samples=0, device="cpu", eval_every=1, save_every=1)
-    train("demo:train", "demo:test", tmp_path / "run", shape=shape, max_steps=1, **common)
+    train("demo:train", "demo:test", tmp_path / "run", shape=shape, activation="gelu", max_steps=1, **common)
     config = json.loads((tmp_path / "run" / "model_config.json").read_text())
     tiny = TransformerConfig.from_preset("tiny")
     assert (config["d_model"], config["n_heads"], config["n_decoder_layers"]) == (32, 2, 1)
+    assert config["activation"] == "gelu" and tiny.activation == "relu"
     assert (config["n_encoder_layers"], config["d_ff"]) == (tiny.n_encoder_layers, tiny.d_ff)
     assert len(Transformer.from_pretrained(tmp_path / "run").decoder_layers) == 1
     with pytest.raises(UserError, match=re.escape("d_model=32 (asked now: 64)")):
         train("demo:train", "demo:test", tmp_path / "run", max_steps=2, resume=True, **common)
-    train("demo:train", "demo:test", tmp_path / "run", shape=shape, max_steps=2, resume=True, **common)
+    train("demo:train", "demo:test", tmp_path / "run", shape=shape, activation="gelu", max_steps=2, resume=True,
+          **common)
+    with pytest.raises(UserError, match=re.escape("activation 'tanh': choose one of relu, swish")):
+        train("demo:train", "demo:test", tmp_path / "bad", activation="tanh", max_steps=1, **common)
+    assert not (tmp_path / "bad").exists()
     for bad, message in (({"d_model": 0}, "d_model must be at least 1, got 0"),
                          ({"d_model": 30}, "d_model=30 must be even and divisible by n_heads=4"),
                          ({"width": 8}, "shape 'width': choose among d_model, ")):

@@ -17,7 +17,7 @@ from fromscratch.blocks.search import check_ngram_size
 from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
 from fromscratch.inputs import checked_text, stdin_lines
-from fromscratch.transformer.config import TransformerConfig
+from fromscratch.transformer.config import ACTIVATIONS, TransformerConfig
 from fromscratch.transformer.data import load_corpora, parse_repeats
 from fromscratch.transformer.training import RECIPES, SHAPE_FIELDS, paper_train_config, train
 from fromscratch.transformer.translation import evaluate_bleu, load_translator, run_length_penalty, translate
@@ -61,6 +61,8 @@ def register(subparsers) -> None:
     for name in SHAPE_FIELDS:
         train_p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, metavar="N",
                              help=f"override the preset's {name}")
+    train_p.add_argument("--activation", default=None, choices=ACTIVATIONS,
+                         help="the FFN's non-linearity (default: relu, §3.3; swish is Marian's, gelu ViT's)")
     train_p.add_argument("--norm-first", action=argparse.BooleanOptionalAction, default=None,
                          help="pre-norm layers (Xiong et al. 2020); --no-norm-first: the paper's post-norm")
     train_p.add_argument("--repeat", nargs="+", default=[], metavar="NAME=N",
@@ -140,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train(args.train, args.valid, args.out, preset=args.preset, vocab_size=args.vocab_size,
                    batch_tokens=args.batch_tokens, max_tokens=args.max_tokens, dropout=args.dropout,
                    norm_first=args.norm_first, shape={name: getattr(args, name) for name in SHAPE_FIELDS},
+                   activation=args.activation,
                    bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat), tag=args.tag,
                    bpe_dropout=args.bpe_dropout, command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))

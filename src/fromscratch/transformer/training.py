@@ -317,7 +317,7 @@ def recipe(device: str = "auto") -> dict:
 def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | None = None,
           vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int | None = None,
           dropout: float | None = None, norm_first: bool | None = None, shape: dict[str, int] | None = None,
-          bleu_samples: int = 200, repeats: dict[str, int] | None = None, tag: str | None = None,
+          activation: str | None = None, bleu_samples: int = 200, repeats: dict[str, int] | None = None, tag: str | None = None,
           bpe_dropout: float = 0.0, command: list[str] | None = None, **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
     `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
@@ -328,6 +328,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     whose name starts with NAME N times into every epoch (`--repeat tatoeba=4`; `data.repeat_counts`).
     `shape`: the preset's sizes replaced, any of {"d_model", "n_heads", "n_encoder_layers",
     "n_decoder_layers", "d_ff"} (`--d-model 192 --n-decoder-layers 2`; SHAPE_FIELDS).
+    `activation`: the FFN's non-linearity in place of the paper's relu (`--activation gelu`; config.ACTIVATIONS).
     `tag`: NAME puts the token <NAME> before the sources of the files whose name starts with NAME
     and before every source the run validates and translates (`--tag tatoeba`; tokenizer.py);
     "auto" takes the training file whose words are most like the validation targets'
@@ -349,6 +350,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
         raise UserError(f"--batch-tokens {batch_tokens} is too small")
     check_bpe_dropout(bpe_dropout)  # before the corpora are read
     overrides = {name: settings[name] for name in ("dropout", "norm_first") if settings[name] is not None}
+    if activation is not None:
+        overrides["activation"] = activation
     for name, value in (shape or {}).items():
         if name not in SHAPE_FIELDS:
             raise UserError(f"shape {name!r}: choose among {', '.join(SHAPE_FIELDS)}")
