@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from fromscratch.devices import describe_device
 from fromscratch.fast.gemm import onednn_linear
 from fromscratch.llama import Llama, LlamaConfig, accelerate
 from fromscratch.llama.checkpoints import config_to_hf, meta_key_to_hf, meta_to_hf_permute
@@ -302,7 +303,8 @@ def main() -> None:
     accelerate(model)
     results = {
         "environment": {
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(), "hardware": describe_device("cpu"),
+            "cpu_count": os.cpu_count(),
             "threads": args.threads, "dtype": "float32", "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from bench_llama import PROMPT, rates, timed
 
+from fromscratch.devices import describe_device
 from fromscratch.moe import MoEConfig, MoEFeedForward, MoELlama, accelerate
 
 
@@ -217,8 +218,9 @@ def main() -> None:
     hf = huggingface_copy(model)
     accelerate(model)
     results = {"environment": {
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
-        "dtype": "float32", "torch": torch.__version__, "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(), "hardware": describe_device("cpu"),
+        "cpu_count": os.cpu_count(), "threads": args.threads, "dtype": "float32", "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "hf_experts_implementation": hf.config._experts_implementation, "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "model": "mixtral-tiny (d_model 288, 6 layers, 6 heads, 2 kv heads, 8 experts of 768, top-2, vocab 32000), "

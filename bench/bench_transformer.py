@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fromscratch.devices import describe_device
 from fromscratch.transformer import Transformer, TransformerConfig, load_translator, translate
 from fromscratch.transformer.data import collate_source, load_corpora
 from fromscratch.transformer.decoding import greedy_decode
@@ -248,7 +249,7 @@ def main():
 
     results = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "quick": args.quick,
+        "machine": platform.processor() or platform.machine(), "hardware": describe_device("cpu"), "quick": args.quick,
         "parts": sorted(parts), "load_average_at_start": list(os.getloadavg()),
     }
     # With the config's dropout (as trained), and without: PyTorch also drops attention weights

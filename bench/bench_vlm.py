@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from fromscratch.devices import describe_device
 from fromscratch.vlm import CLIP, VLM, ViT, VLMConfig, accelerate
 from fromscratch.vlm.decoding import generate, image_memory
 
@@ -168,7 +169,7 @@ def main():
 
     results = {
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "quick": args.quick,
+        "machine": platform.processor() or platform.machine(), "hardware": describe_device("cpu"), "quick": args.quick,
         # 1-minute load average: above ~0.5 another process competed for the cores
         "load_average_before": os.getloadavg()[0],
     }

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import fromscratch.fast.attention as fast_attention
+from fromscratch.devices import describe_device
 from fromscratch.transformer import Transformer, TransformerConfig
 from fromscratch.transformer.data import load_corpora
 from fromscratch.transformer.fast import accelerate
@@ -35,19 +36,6 @@ from bench_transformer import batch  # noqa: E402
 DATA = Path(os.environ.get("FROMSCRATCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "en-id"
 RESULTS = Path(__file__).resolve().parent / "results" / "translate_short_attention.json"
 KERNEL, SHORT = 0, fast_attention.MAX_KEYS  # MAX_KEYS 0: no attention is short, every one takes the kernel
-
-
-def cpu() -> dict:
-    """The CPU's model name, family and model numbers, and whether it has AVX-512 (from /proc/cpuinfo)."""
-    info, flags = {}, set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key in ("model name", "cpu family", "model") and key not in info:
-            info[key] = value
-        if key == "flags":
-            flags = set(value.split())
-    return {**info, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "threads": torch.get_num_threads()}
 
 
 def trainer(model: torch.nn.Module):
@@ -117,9 +105,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(2)
     load = os.getloadavg()[0]
-    results = {"cpu": cpu(), "load_average_start": load, "recipe": recipe_steps(args.rounds, args.steps),
-               "bench_base": bench_shape_steps(args.rounds), "load_average_end": os.getloadavg()[0],
-               "torch": torch.__version__}
+    results = {"cpu": describe_device("cpu"), "load_average_start": load,
+               "recipe": recipe_steps(args.rounds, args.steps), "bench_base": bench_shape_steps(args.rounds),
+               "load_average_end": os.getloadavg()[0], "torch": torch.__version__}
     for name in ("recipe", "bench_base"):
         r = results[name]
         print(f"{name}: kernel / short_attention {r['ratio_of_totals']:.3f} (median round {r['ratio_median']:.3f}, "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fromscratch.config import ModelConfig, json_field
-from fromscratch.devices import resolve_device
+from fromscratch.devices import cpu_description, describe_device, resolve_device
 from fromscratch.errors import UserError
 from fromscratch.llama import LlamaConfig
 from fromscratch.transformer import TransformerConfig
@@ -84,3 +84,32 @@ def test_one_device_resolver():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device is available here"):
             resolve_device("cuda:1")
+
+
+ZEN3_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8481C
+flags\t\t: fpu avx2 avx512f avx512_bf16
+"""
+
+
+def test_describe_device_names_the_cpu_generation():
+    """Two hosts that platform.processor() calls alike differ in family, model and AVX-512: the
+    description reads them from the first processor of /proc/cpuinfo."""
+    assert cpu_description(ZEN3_CPUINFO) == {"model_name": "AMD EPYC 7B13", "family": "25", "model": "1",
+                                             "avx512f": False, "avx512_bf16": False}
+    zen4 = ZEN3_CPUINFO.replace("model\t\t: 1\n", "model\t\t: 17\n", 1).replace("fma\n", "fma avx512f avx512_bf16\n", 1)
+    assert cpu_description(zen4)["model"] == "17" and cpu_description(zen4)["avx512_bf16"]
+    assert cpu_description("") == {"model_name": "", "family": "", "model": "", "avx512f": False, "avx512_bf16": False}
+    here = describe_device("cpu")
+    assert here["type"] == "cpu" and here["threads"] == torch.get_num_threads() and here["cores"] >= 1
+    assert here["vector"] == torch.backends.cpu.get_cpu_capability()

@@ -46,6 +46,9 @@ def test_loss_falls_and_run_directory_is_complete(tmp_path):
     assert len(list((tmp_path / "run" / "checkpoints").iterdir())) <= 3
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["train_config"]["max_steps"] == 60 and record["model_config"]["d_model"] == 16
+    hardware = record["hardware"]  # the machine the run's speed belongs to
+    assert hardware["type"] == "cpu" and hardware["threads"] == torch.get_num_threads()
+    assert hardware["vector"] == torch.backends.cpu.get_cpu_capability()
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 

@@ -2,7 +2,8 @@
 
 Layout of a run directory:
 
-    RUN_DIR/run.json                  the model, command, model config and training config of the run
+    RUN_DIR/run.json                  the model, command, model config and training config of the run,
+                                      and the hardware of its start and of each resume
     RUN_DIR/model_config.json         the model's config (what `from_pretrained(RUN_DIR)` reads)
     RUN_DIR/checkpoints.json          {"latest": "step-00000200", "best": "step-00000100", ...}
     RUN_DIR/checkpoints/step-XXXXXXXX/

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 import fromscratch
 from fromscratch.checkpoints.runs import check_run_model
 from fromscratch.checkpoints.safe import read_json_object
-from fromscratch.devices import resolve_device
+from fromscratch.devices import describe_device, resolve_device
 from fromscratch.engine import checkpoint as ckpt
 from fromscratch.engine.config import TrainConfig
 from fromscratch.engine.distributed import all_reduce_sum, barrier, init_distributed, shutdown
@@ -147,7 +147,9 @@ class Trainer:
 
     def _write_run_record(self) -> None:
         path = self.run_dir / "run.json"
-        entry = {"command": self.command, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        # The hardware with each start and resume: a run's speed depends on the machine it ran on.
+        entry = {"command": self.command, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "hardware": describe_device(self.device)}
         if self.config.resume and path.exists():
             record = json.loads(path.read_text())
             record.setdefault("resumes", []).append(entry)
