@@ -65,13 +65,23 @@ def alternate(run, rounds: int) -> dict:
             "ratio_median": statistics.median(ratios), "ratio_of_totals": sum(seconds[KERNEL]) / sum(seconds[SHORT])}
 
 
-def recipe_steps(rounds: int, steps: int) -> dict:
+def recipe_tasks(batch_tokens: list[int]) -> list[TranslationTask]:
+    """The CPU recipe's task as `translate train` builds it, once for each batch size (the same
+    corpus, tokenizer and seed-0 initial weights)."""
     train = load_corpora(sorted(str(p.with_suffix("")) for p in DATA.glob("*.en") if p.stem != "opus100-dev"),
                          log=False)
     valid = load_corpora([str(DATA / "opus100-dev")], log=False)
     tokenizer = BPETokenizer.train(train.src + train.tgt, vocab_size=4000)
     config = TransformerConfig.from_preset("slim", vocab_size=tokenizer.vocab_size, norm_first=True)
-    task = TranslationTask(train, valid, tokenizer, config, batch_tokens=1500, max_tokens=48, bleu_samples=1)
+    tasks = []
+    for size in batch_tokens:
+        torch.manual_seed(0)
+        tasks.append(TranslationTask(train, valid, tokenizer, config, batch_tokens=size, max_tokens=48, bleu_samples=1))
+    return tasks
+
+
+def recipe_steps(rounds: int, steps: int) -> dict:
+    task, = recipe_tasks([1500])
     model = task.model.train()
     step = trainer(model)
     for s in range(1, 21):  # warm-up: allocator, oneDNN's first loss shapes
