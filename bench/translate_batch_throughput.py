@@ -38,12 +38,8 @@ def main() -> None:
         step = trainer(model)
 
         def run(first: int, task=task, model=model, step=step) -> int:
-            tokens = 0
-            for s in range(first, first + args.steps):
-                loss, n = task.loss(model, task.global_batch(s))
-                step(lambda loss=loss, n=n: (loss, n))
-                tokens += int(n)
-            return tokens
+            return sum(int(step(lambda s=s: task.loss(model, task.global_batch(s))))
+                       for s in range(first, first + args.steps))
         run(1)  # warm-up: allocator, oneDNN's first loss shapes
         runs[size] = run
     seconds, tokens = dict.fromkeys(args.sizes, 0.0), dict.fromkeys(args.sizes, 0)

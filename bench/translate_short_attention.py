@@ -47,6 +47,7 @@ def trainer(model: torch.nn.Module):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return tokens
     return step
 
 
