@@ -292,3 +292,41 @@ def test_cooldown_on_the_clock_is_decided_once_and_survives_a_resume(tmp_path, m
     assert losses("broken") == losses("straight")
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+class DropoutWatchingTask(ToyTask):
+    """Records, for each training step, whether the model's dropout layer was on."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.dropout_on = {}
+
+    def loss(self, model, batch):
+        if batch["step"] < 10**9:  # not the evaluation's batch
+            assert model.training and model.hidden.training  # only the dropout layer is switched
+            self.dropout_on[batch["step"]] = model.dropout.training
+        return super().loss(model, batch)
+
+
+def test_late_dropout_is_off_until_its_step_through_evaluations_and_a_resume(tmp_path):
+    task = DropoutWatchingTask()
+    Trainer(task, config(tmp_path / "straight", dropout_from=12)).fit()  # evaluations at 5 and 10 on the way
+    assert [step for step, on in task.dropout_on.items() if not on] == list(range(1, 13))
+    assert all(task.dropout_on[step] for step in range(13, 21))
+    never = Trainer(ToyTask(), config(tmp_path / "never", dropout_from=20)).fit()
+    assert never["train"]["loss"] != read_csv(tmp_path / "straight" / "metrics.csv")[-1]["loss"]
+    with pytest.raises(Interrupted):  # stopped while the dropout is still off, resumed across the switch
+        Trainer(SignalledTask(signal_step=8), config(tmp_path / "broken", dropout_from=12)).fit()
+    torch.manual_seed(999)
+    Trainer(ToyTask(), config(tmp_path / "broken", dropout_from=12, resume=True)).fit()
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    with pytest.raises(UserError, match="--dropout-from"):
+        config(tmp_path / "bad", dropout_from=-1)
+
+
+def test_late_dropout_refuses_a_model_without_dropout_layers(tmp_path):
+    task = ToyTask()
+    task.model.dropout = torch.nn.Identity()
+    with pytest.raises(UserError, match="--dropout-from 5: the toy model has no dropout layers"):
+        Trainer(task, config(tmp_path / "run", dropout_from=5)).fit()

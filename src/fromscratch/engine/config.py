@@ -28,6 +28,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0  # AdamW decay, applied to matrices only (not norms, not biases)
+    dropout_from: int = 0  # late dropout: the model's dropout layers stay off until after this step
     clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
     eval_every: int = 200
     save_every: int = 200
@@ -56,6 +57,8 @@ class TrainConfig:
             raise UserError(f"schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.on_nan not in ("stop", "skip"):
             raise UserError(f"--on-nan {self.on_nan!r}: choose 'stop' or 'skip'")
+        if self.dropout_from < 0:
+            raise UserError(f"--dropout-from must be a step ≥ 0, got {self.dropout_from}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
@@ -128,6 +131,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig |
                    help="let the learning rate fall linearly to ~0 over this last share of the run (of "
                         "--max-steps, or of --max-minutes: then decided on the clock); 0 = off")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--dropout-from", type=int, default=d.dropout_from, metavar="STEP",
+                   help="late dropout (Liu et al. 2023): the model's dropout stays off for the first STEP "
+                        "steps and is on after them; 0 = on from the start")
     g.add_argument("--clip-grad", type=float, default=d.clip_grad)
     g.add_argument("--eval-every", type=int, default=d.eval_every)
     g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval in steps")

@@ -94,6 +94,15 @@ def check_run_state(run_dir: str | Path, resume: bool, model_name: str) -> None:
     if resume:
         check_run_model(Path(run_dir), model_name)
 
+
+def switch_dropout(model: torch.nn.Module, on: bool) -> None:
+    """Late dropout (Liu et al. 2023, `--dropout-from`): every dropout layer of `model` off or on,
+    the rest of the model left in training mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.train(on)
+
+
 class Trainer:
     def __init__(self, task, config: TrainConfig, command: list[str] | None = None):
         self.task, self.config = task, config
@@ -308,6 +317,9 @@ class Trainer:
         """Train to `max_steps` (or until stopped); returns the last metrics and where things are."""
         cfg, info = self.config, self.dist
         model = self.task.model.to(self.device)
+        if cfg.dropout_from and not any(isinstance(m, torch.nn.Dropout) for m in model.modules()):
+            raise UserError(f"--dropout-from {cfg.dropout_from}: the {self.model_name} model has no "
+                            "dropout layers (nn.Dropout) to switch")
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.run_dir)
@@ -340,6 +352,8 @@ class Trainer:
             timer = started = time.perf_counter()
             for step in range(step0 + 1, cfg.max_steps + 1):
                 lr = learning_rate(step, cfg, self._cooldown)
+                if cfg.dropout_from and step <= cfg.dropout_from + 1:  # (evaluation puts the model back in training mode)
+                    switch_dropout(model, on=step > cfg.dropout_from)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro_batches = split_batch(self.task.global_batch(step), chunks)
