@@ -92,9 +92,6 @@ def register(subparsers) -> None:
         elif action.dest == "cooldown":
             action.help = action.help.replace("; 0 = off", "; 0 = off (default: the recipe's: "
                                               f"{RECIPES['cpu']['engine']['cooldown']} on a CPU, 0 on a GPU)")
-        elif action.dest == "dropout_from":
-            action.help = action.help.replace("; 0 = on from the start", "; 0 = on from the start (default: the "
-                                              f"recipe's: {RECIPES['cpu']['engine']['dropout_from']} on a CPU, 0 on a GPU)")
     train_p.set_defaults(func=cmd_train)
 
     checkpoint_help = "a run directory or one checkpoint in it, a Marian directory, or a hub name"

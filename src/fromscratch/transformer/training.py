@@ -289,24 +289,21 @@ SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d
 # of an hour. The rate falls to ~0 over the last fifth of the run (`cooldown`: on `slim`, a lower
 # validation loss at equal steps on two seeds; the annealed last checkpoint scores as the average
 # of five did), and beam search takes α = 1.2 (`decoding`, recorded in each run: outputs a tenth
-# shorter than the references at §6.1's 0.6; +0.2 BLEU and +0.7 chrF on two seeds). Dropout is off
-# for the first 2,000 steps (`dropout_from`, late dropout: without it `slim` learns faster at
-# first and overfits only after ~4,500 steps; an hour on a Zen 3 host, +0.9 BLEU and chrF greedy
-# and with beam 4, ~0.05 lower validation NLL at equal steps from step 4,000 on). Dropout 0 and
+# shorter than the references at §6.1's 0.6; +0.2 BLEU and +0.7 chrF on two seeds). Dropout 0 and
 # over-sampled conversational corpora won at ten minutes but lost over the hour (with a cooldown,
 # on `small`); dropout 0.2 and 5 encoder + 2 decoder layers each lost over an hour; on `slim`,
 # 4 + 4 layers, dropout 0 (it overfits after ~5,000 steps), dropout 0.2, --lr 2 and BPE-dropout 0.1
-# trailed in screens, and pairs of up to 64 tokens (an hour) and --lr 0.5 (the hour's steps) lost
-# (README), so they stay flags (--dropout, --repeat, --n-encoder-layers, --max-tokens, --lr,
-# --bpe-dropout, ...), not the recipe.
+# trailed in screens, pairs of up to 64 tokens (an hour) and --lr 0.5 (the hour's steps) lost,
+# and dropout off for the first 2,000 steps (--dropout-from 2000, two hours) led early and then
+# not on the second seed (README), so they stay flags (--dropout, --repeat, --n-encoder-layers,
+# --max-tokens, --lr, --bpe-dropout, --dropout-from, ...), not the recipe.
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
                            dropout=None),
                 engine=dict(dtype="bfloat16", compile=True), decoding=dict(length_penalty=0.6)),
     "cpu": dict(model=dict(preset="slim", vocab_size=4000, batch_tokens=1500, max_tokens=48, norm_first=True,
                            dropout=None),
-                engine=dict(lr=1.0, warmup_steps=400, eval_every=500, save_every=250, keep_last=5, cooldown=0.2,
-                            dropout_from=2000),
+                engine=dict(lr=1.0, warmup_steps=400, eval_every=500, save_every=250, keep_last=5, cooldown=0.2),
                 decoding=dict(length_penalty=1.2)),
 }
 
