@@ -10,19 +10,18 @@ tokens would put it too high). Prints one line per evaluation of RUN: step, toke
 RUN's minus REFERENCE_RUN's (negative: RUN is ahead).
 """
 
-import csv
 import math
 import sys
 from pathlib import Path
 
+from fromscratch.engine.metrics import read_csv
+
 
 def evaluations(run: Path) -> list[tuple[float, float, int]]:
     """(target tokens seen, validation NLL, step) at each evaluation of `run`."""
-    with open(run / "metrics.csv") as f:
-        tokens = {int(row["step"]): float(row["tokens"]) for row in csv.DictReader(f)}
-    with open(run / "eval.csv") as f:
-        return [(tokens[int(row["step"])], float(row["val_nll"]), int(row["step"]))
-                for row in csv.DictReader(f) if int(row["step"]) in tokens]
+    tokens = {int(row["step"]): row["tokens"] for row in read_csv(run / "metrics.csv")}
+    return [(tokens[int(row["step"])], row["val_nll"], int(row["step"]))
+            for row in read_csv(run / "eval.csv") if int(row["step"]) in tokens]
 
 
 def nll_at(points: list[tuple[float, float, int]], tokens: float) -> float | None:
