@@ -201,6 +201,8 @@ def test_parser_wiring_and_the_recipes_of_each_device():
     assert (args.d_model, args.n_heads, args.n_decoder_layers, args.d_ff) == (192, None, 2, 768)
     assert args.activation is None and parser.parse_args(
         ["translate", "train", "--train", "a", "--valid", "c", "--out", "o", "--activation", "gelu"]).activation == "gelu"
+    assert args.label_smoothing == 0.1 and parser.parse_args(  # §5.4
+        ["translate", "train", "--train", "a", "--valid", "c", "--out", "o", "--label-smoothing", "0"]).label_smoothing == 0
     assert args.bpe_dropout == 0.0 and parser.parse_args(
         ["translate", "train", "--train", "a", "--valid", "c", "--out", "o", "--bpe-dropout", "0.1"]).bpe_dropout == 0.1
     assert recipe("cpu") is RECIPES["cpu"] and RECIPES["cpu"]["model"]["preset"] == "slim"

@@ -100,6 +100,12 @@ def test_loss_is_label_smoothed_sum_over_target_tokens(corpora, tokenizer):
     torch.testing.assert_close(loss, 0.9 * nll + 0.1 * uniform, rtol=1e-5, atol=1e-4)
     plain, _ = task.loss(task.model, batch, label_smoothing=0.0)
     torch.testing.assert_close(plain / n, F.cross_entropy(logits[real], target[real]), rtol=1e-5, atol=1e-5)
+    smoother = make_task(corpora, tokenizer, label_smoothing=0.25)  # --label-smoothing: the task's own ε
+    loss, _ = smoother.loss(smoother.model.eval(), batch)
+    torch.testing.assert_close(loss, 0.75 * nll + 0.25 * uniform, rtol=1e-5, atol=1e-4)
+    metrics = make_task(corpora, tokenizer, label_smoothing=0.0).evaluate(task.model, step=1)
+    assert metrics["val_loss"] == metrics["val_nll"]  # unsmoothed, val_loss is the NLL
+    assert smoother.evaluate(task.model, step=1)["val_nll"] == metrics["val_nll"]
 
 
 def test_evaluate_is_deterministic_and_leaves_rng_alone(corpora, tokenizer):
@@ -426,6 +432,24 @@ def test_train_with_bpe_dropout_records_it_and_a_resume_must_repeat_it(tmp_path)
     for bad in (1.0, -0.5):
         with pytest.raises(UserError, match="--bpe-dropout must be a probability"):
             train("demo:train", "demo:test", tmp_path / "bad", bpe_dropout=bad, max_steps=1, **settings)
+
+
+def test_train_with_label_smoothing_trains_on_that_loss_and_refuses_a_bad_one(tmp_path):
+    """`train(..., label_smoothing=ε)`: the run's training and validation losses are smoothed by ε
+    (at ε = 0 val_loss is val_nll), it is recorded with the command, and ε outside [0, 1) is
+    refused before the corpora are read."""
+    from fromscratch.transformer import train
+
+    settings = dict(preset="tiny", vocab_size=300, bleu_samples=0, device="cpu", max_steps=2, eval_every=2)
+    result = train("demo:train", "demo:test", tmp_path / "plain", label_smoothing=0.0,
+                   command=["fromscratch", "translate", "train", "--label-smoothing", "0"], **settings)
+    assert result["step"] == 2 and result["eval"]["val_loss"] == result["eval"]["val_nll"]
+    assert "--label-smoothing" in json.loads((tmp_path / "plain" / "run.json").read_text())["command"]
+    smoothed = train("demo:train", "demo:test", tmp_path / "smoothed", label_smoothing=0.3, **settings)
+    assert abs(smoothed["eval"]["val_loss"] - smoothed["eval"]["val_nll"]) > 1e-3  # the maths: the test above
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(UserError, match=r"--label-smoothing must be in \[0, 1\)"):
+            train("missing:corpus", "demo:test", tmp_path / "bad", label_smoothing=bad, **settings)
 
 
 def test_tag_auto_picks_the_training_file_whose_words_are_most_like_the_validation_targets():

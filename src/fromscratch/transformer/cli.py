@@ -19,7 +19,7 @@ from fromscratch.errors import UserError
 from fromscratch.inputs import checked_text, stdin_lines
 from fromscratch.transformer.config import ACTIVATIONS, TransformerConfig
 from fromscratch.transformer.data import load_corpora, parse_repeats
-from fromscratch.transformer.training import RECIPES, SHAPE_FIELDS, paper_train_config, train
+from fromscratch.transformer.training import LABEL_SMOOTHING, RECIPES, SHAPE_FIELDS, paper_train_config, train
 from fromscratch.transformer.translation import evaluate_bleu, load_translator, run_length_penalty, translate
 
 RECIPE_FLAGS = sorted({name for r in RECIPES.values() for name in r["engine"]})  # engine flags a recipe sets
@@ -77,6 +77,9 @@ def register(subparsers) -> None:
                          help="segment each training batch anew, skipping each BPE merge with probability P "
                               "(BPE-dropout, Provilkov et al. 2020; e.g. 0.1); validation and translation keep "
                               "the plain segmentation (default: 0, off)")
+    train_p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, metavar="EPSILON",
+                         help="ε_ls of the training loss: the target keeps 1 - ε of the probability and the "
+                              f"vocabulary shares ε (§5.4; default: {LABEL_SMOOTHING}, the paper's); val_nll is unsmoothed")
     train_p.add_argument("--bleu-samples", type=int, default=200,
                          help="validation pairs translated (greedy) for val_bleu at each evaluation (default: 200)")
     add_train_arguments(train_p, paper_train_config())
@@ -144,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                    norm_first=args.norm_first, shape={name: getattr(args, name) for name in SHAPE_FIELDS},
                    activation=args.activation,
                    bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat), tag=args.tag,
-                   bpe_dropout=args.bpe_dropout, command=["fromscratch", *sys.argv[1:]], **engine_options(args))
+                   bpe_dropout=args.bpe_dropout, label_smoothing=args.label_smoothing, command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
 
 

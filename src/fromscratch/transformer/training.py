@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -54,7 +55,7 @@ from fromscratch.transformer.model import Transformer
 from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPEDropout, BPETokenizer, check_bpe_dropout, tag_token
 from fromscratch.transformer.translation import DECODING_RECORD, evaluate_bleu
 
-LABEL_SMOOTHING = 0.1  # ε_ls, §5.4
+LABEL_SMOOTHING = 0.1  # ε_ls, §5.4 (`translate train --label-smoothing`)
 BPE_DROPOUT_STREAM = 0xB9E  # the third key of a step's BPE-dropout generator: [seed, step, this]
 DATA_RECORD = "translate_data.json"  # what the run was trained on; checked on --resume
 
@@ -66,6 +67,11 @@ def paper_train_config(**overrides) -> TrainConfig:
         weight_decay=0.0, clip_grad=1.0, eval_every=1000, save_every=1000,
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+def check_label_smoothing(epsilon: float) -> None:
+    if not (math.isfinite(epsilon) and 0 <= epsilon < 1):
+        raise UserError(f"--label-smoothing must be in [0, 1), got {epsilon}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,12 +103,15 @@ class TranslationTask:
         repeats: dict[str, int] | None = None,
         length_penalty: float | None = None,
         bpe_dropout: float = 0.0,
+        label_smoothing: float = LABEL_SMOOTHING,
     ):
+        check_label_smoothing(label_smoothing)
         if model_config.vocab_size != tokenizer.vocab_size:
             raise UserError(f"model vocab_size {model_config.vocab_size} ≠ tokenizer's {tokenizer.vocab_size}")
         self.tokenizer, self.model_config = tokenizer, model_config
         self.batch_tokens, self.seed = batch_tokens, seed
         self.length_penalty = length_penalty  # the beam search α the run records for `translate eval|run`
+        self.label_smoothing = label_smoothing  # ε_ls of the training loss and of val_loss (§5.4)
         # +1 for </s> (source) or <s> (target input) must still fit the positional table.
         self.max_tokens = min(max_tokens or model_config.max_seq_len, model_config.max_seq_len) - 1
         if batch_tokens < self.max_tokens + 1:
@@ -190,11 +199,13 @@ class TranslationTask:
         return collate([pairs.source(i) for i in rows], [pairs.target(i) for i in rows], t.pad_id,
                        self.model_config.start_id, t.eos_id)
 
-    def loss(self, model, batch, label_smoothing: float = LABEL_SMOOTHING) -> tuple[torch.Tensor, int]:
-        """Sum over the non-pad target tokens of the label-smoothed cross-entropy (§5.4), and
-        their number. Smoothing spreads ε_ls over the whole vocabulary (as PyTorch does)."""
+    def loss(self, model, batch, label_smoothing: float | None = None) -> tuple[torch.Tensor, int]:
+        """Sum over the non-pad target tokens of the label-smoothed cross-entropy (§5.4; ε_ls the
+        task's unless given), and their number. Smoothing spreads ε_ls over the whole vocabulary
+        (as PyTorch does)."""
         target = batch["tgt_out"]
-        loss = model(batch["src"], batch["tgt_in"], targets=target, label_smoothing=label_smoothing)
+        smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
+        loss = model(batch["src"], batch["tgt_in"], targets=target, label_smoothing=smoothing)
         return loss, int((target != self.model_config.pad_id).sum())
 
     @torch.no_grad()
@@ -319,7 +330,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
           vocab_size: int | None = None, batch_tokens: int | None = None, max_tokens: int | None = None,
           dropout: float | None = None, norm_first: bool | None = None, shape: dict[str, int] | None = None,
           activation: str | None = None, bleu_samples: int = 200, repeats: dict[str, int] | None = None, tag: str | None = None,
-          bpe_dropout: float = 0.0, command: list[str] | None = None, **engine) -> dict:
+          bpe_dropout: float = 0.0, label_smoothing: float = LABEL_SMOOTHING, command: list[str] | None = None,
+          **engine) -> dict:
     """Train a Transformer on parallel corpora (PREFIX.en / PREFIX.id files, `demo:train`,
     `opus100:train`, ...; see `data.load_corpora`), validating on `valid`, into the run directory
     `out`. A setting left None takes the device's recipe (`RECIPES`: on a CPU the one-hour recipe,
@@ -336,6 +348,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     (`data.closest_corpus`).
     `bpe_dropout`: P > 0 segments each training batch anew with BPE-dropout at rate P
     (Provilkov et al. 2020; `tokenizer.BPEDropout`); validation and translation keep the plain BPE.
+    `label_smoothing`: ε_ls of the training loss (§5.4; 0.1, the paper's, unless given); val_nll is
+    unsmoothed whatever it is.
     Returns the engine's result: {"step", "train", "eval", "best", "run_dir"}.
     """
     defaults = recipe(engine.get("device") or "auto")
@@ -350,6 +364,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     if batch_tokens < 8:
         raise UserError(f"--batch-tokens {batch_tokens} is too small")
     check_bpe_dropout(bpe_dropout)  # before the corpora are read
+    check_label_smoothing(label_smoothing)
     overrides = {name: settings[name] for name in ("dropout", "norm_first") if settings[name] is not None}
     if activation is not None:
         overrides["activation"] = activation
@@ -388,7 +403,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     model_config = TransformerConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, **overrides)
     task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
                            seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples, repeats=repeats,
-                           length_penalty=defaults["decoding"]["length_penalty"], bpe_dropout=bpe_dropout)
+                           length_penalty=defaults["decoding"]["length_penalty"], bpe_dropout=bpe_dropout,
+                           label_smoothing=label_smoothing)
     del train_corpus  # the task holds the token ids; the text need not stay in memory beside them
     config.noam_d_model = model_config.d_model
     # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.
