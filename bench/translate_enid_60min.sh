@@ -8,6 +8,9 @@
 # Run it alone on the machine: minutes shared with other work are worth less.
 # Usage: bench/translate_enid_60min.sh [OUT [TRAIN FLAG ...]]: flags after OUT go to `translate
 # train` (an ablation of the recipe at the same hour, e.g. `--dtype bfloat16`).
+# STEPS=N bench/translate_enid_60min.sh ...: bounded by N optimizer steps instead of the clock (the
+# cooldown then spans the last fifth of the steps), to set a change beside an hour at equal steps
+# on a machine of another speed, or beside other work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${FROMSCRATCH_DATA:-../shared/data}/en-id
@@ -15,7 +18,8 @@ OUT=${1:-runs/enid-60min}
 shift || true
 PY=.venv/bin/python
 $PY -m fromscratch translate train --train $(ls $D/*.en | sed 's/\.en$//' | grep -v opus100-dev) \
-    --valid $D/opus100-dev --out "$OUT" --max-steps 1000000 --bleu-samples 100 --seed 0 --max-minutes 60 "$@"
+    --valid $D/opus100-dev --out "$OUT" --bleu-samples 100 --seed 0 \
+    $([ -n "${STEPS:-}" ] && echo "--max-steps $STEPS" || echo "--max-steps 1000000 --max-minutes 60") "$@"
 for beam in 1 4; do
     $PY -m fromscratch translate eval --checkpoint "$OUT" --test $D/opus100-dev --beam $beam \
         --output "$OUT/opus100-dev.beam$beam.id" | tee "$OUT/eval-beam$beam.log"

@@ -247,10 +247,11 @@ def test_train_with_no_settings_takes_the_cpu_recipe_and_a_given_flag_wins(tmp_p
     data = json.loads((tmp_path / "recipe" / "translate_data.json").read_text())
     assert data["max_tokens"] == cpu["model"]["max_tokens"] - 1  # a side and its </s> (or <s>) fit
     train("demo:train", "demo:test", tmp_path / "given", preset="tiny", lr=0.5, max_tokens=32, max_steps=1,
-          bleu_samples=0, device="cpu")
+          bleu_samples=0, device="cpu", weight_decay=0.0)
     run = json.loads((tmp_path / "given" / "run.json").read_text())
     assert run["model_config"]["d_model"] == TransformerConfig.from_preset("tiny").d_model
     assert run["train_config"]["lr"] == 0.5 and run["train_config"]["warmup_steps"] == cpu["engine"]["warmup_steps"]
+    assert run["train_config"]["weight_decay"] == 0.0 < cpu["engine"]["weight_decay"]  # a given 0 wins too
     assert json.loads((tmp_path / "given" / "translate_data.json").read_text())["max_tokens"] == 31
 
 
