@@ -147,7 +147,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                    norm_first=args.norm_first, shape={name: getattr(args, name) for name in SHAPE_FIELDS},
                    activation=args.activation,
                    bleu_samples=args.bleu_samples, repeats=parse_repeats(args.repeat), tag=args.tag,
-                   bpe_dropout=args.bpe_dropout, label_smoothing=args.label_smoothing, command=["fromscratch", *sys.argv[1:]], **engine_options(args))
+                   bpe_dropout=args.bpe_dropout, label_smoothing=args.label_smoothing,
+                   command=["fromscratch", *sys.argv[1:]], **engine_options(args))
     print(json.dumps({"step": result["step"], **result["eval"], "best": result["best"], "run_dir": result["run_dir"]}))
 
 

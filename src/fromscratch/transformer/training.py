@@ -219,7 +219,7 @@ class TranslationTask:
             batch = self._collate(self.valid_pairs, rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             smoothed, n = self.loss(model, batch)
-            plain, _ = self.loss(model, batch, label_smoothing=0.0)
+            plain = smoothed if self.label_smoothing == 0 else self.loss(model, batch, label_smoothing=0.0)[0]
             totals += torch.tensor([smoothed.item(), plain.item(), n], dtype=torch.float64)
         metrics = {"val_loss": totals[0].item() / totals[2].item(), "val_nll": totals[1].item() / totals[2].item()}
         metrics["val_ppl"] = float(torch.tensor(metrics["val_nll"]).exp())
