@@ -99,6 +99,39 @@ def test_preallocated_reorders_copy_only_the_rows_that_change_in_place(monkeypat
     assert cache.keys[0].shape == (3, 2, 6, 4)
 
 
+def test_rows_of_different_lengths_each_attend_to_their_own_positions():
+    """Rows that start at different steps (beam search's pool, where a prompt takes the row of one
+    that is done): each row's new key goes after its own, what an earlier occupant left is masked
+    out, and each row's attention equals attention over its own keys alone."""
+    batch, heads, head_dim, joins = 3, 2, 4, (0, 2, 3)  # the step at which each row's sequence starts
+    cache = KVCache(1, max_len=6)
+    cache.row_lengths = torch.zeros(batch, dtype=torch.long)
+    own = [[] for _ in range(batch)]
+    generator = torch.Generator().manual_seed(5)
+    for step, (k, v) in enumerate(_steps(n_steps=6, batch=batch, heads=heads, head_dim=head_dim)):
+        for row, join in enumerate(joins):
+            if step == join:
+                cache.row_lengths[row], own[row] = 0, []
+        query = torch.randn(batch, heads, 1, head_dim, generator=generator)
+        keys, values = cache.update(0, k, v)
+        got = scaled_dot_product_attention(query, keys, values, cache.row_mask())
+        cache.advance(1)
+        for row in range(batch):
+            own[row].append((k[row], v[row]))
+            alone = scaled_dot_product_attention(query[row:row + 1], torch.cat([k for k, _ in own[row]], dim=1)[None],
+                                                 torch.cat([v for _, v in own[row]], dim=1)[None])
+            torch.testing.assert_close(got[row:row + 1], alone)
+    assert cache.row_lengths.tolist() == [6, 4, 3] and cache.length == 6
+    before = cache.keys[0].clone()
+    cache.reorder(torch.tensor([2, 0, 0]))  # each moved row takes the positions its source holds
+    assert cache.row_lengths.tolist() == [3, 6, 6]
+    for row, source in enumerate((2, 0, 0)):
+        n = cache.row_lengths[row]
+        assert torch.equal(cache.keys[0][row, :, :n], before[source, :, :n])
+    with pytest.raises(ValueError, match="one position at a time"):
+        cache.update(0, torch.zeros(3, heads, 2, head_dim), torch.zeros(3, heads, 2, head_dim))
+
+
 def test_attention_over_the_cache_equals_attention_over_the_whole_sequence():
     """One query at a time against the cached keys = causal attention over all positions."""
     q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
@@ -317,3 +350,50 @@ def test_ban_repeated_ngrams_bans_exactly_the_tokens_that_would_complete_a_seen_
     assert ban_repeated_ngrams(torch.zeros(2, 9), tokens, 3)[0].isinf().nonzero().flatten().tolist() == [7]
     assert ban_repeated_ngrams(torch.zeros(2, 9), tokens, 2)[1].isinf().nonzero().flatten().tolist() == [2]
     assert not ban_repeated_ngrams(torch.zeros(2, 9), tokens, 0).isinf().any()
+
+
+class PromptChain(MarkovChain):
+    """A Markov chain whose logits also depend on the prompt each row belongs to, which the search
+    must carry along: moved by reorder (within its prompt, when it says so), set by admit when a
+    prompt joins a pool."""
+
+    def __init__(self, table: torch.Tensor, prompt_bias: torch.Tensor, batch_size: int):
+        super().__init__(table, batch_size)
+        self.prompt_bias, self.prompt_of, self.admitted = prompt_bias, torch.arange(batch_size), []
+
+    def __call__(self, tokens):
+        return super().__call__(tokens) + self.prompt_bias[self.prompt_of]
+
+    def reorder(self, rows, within_prompts=False):
+        super().reorder(rows, within_prompts)
+        if within_prompts:
+            assert torch.equal(self.prompt_of[rows], self.prompt_of)
+        self.prompt_of = self.prompt_of[rows]
+
+    def admit(self, rows, prompts):
+        self.admitted += prompts.tolist()
+        self.prompt_of[rows] = prompts.repeat_interleave(len(rows) // len(prompts))
+
+
+@pytest.mark.parametrize("style", ["gnmt", "hf"])
+def test_a_pool_of_prompts_finds_for_each_what_it_finds_alone(style):
+    """At most `pool` prompts searched at once, each later one taking the rows of one that is
+    done, each with its own limit: every prompt's result is the one it gets alone."""
+    vocab, n, k, pad = 7, 9, 3, 9
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        table = _table(vocab, seed)
+        table[:, 0] += 1.0  # EOS likely: prompts finish at different steps
+        bias = torch.randn(n, vocab, generator=generator)
+        prompts = torch.randint(1, vocab, (n, 2), generator=generator)
+        limits = torch.randint(1, 9, (n,), generator=generator)
+        alone = [beam_search(PromptChain(table, bias[b:b + 1], 1), prompts[b:b + 1], int(limits[b]), beam_size=k,
+                             eos_id=0, pad_id=pad, length_penalty_style=style)[0].tolist() for b in range(n)]
+        for pool in (1, 2, 4, None):
+            chain = PromptChain(table, bias, min(pool or n, n))
+            got = beam_search(chain, prompts, limits, beam_size=k, eos_id=0, pad_id=pad, length_penalty_style=style,
+                              pool=pool)
+            assert chain.admitted == list(range(pool or n, n))
+            assert got.size(1) == max(map(len, alone))
+            for row, expected in zip(got.tolist(), alone):
+                assert row == expected + [pad] * (len(row) - len(expected)), (seed, pool)

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fromscratch.errors import UserError
 from fromscratch.fast.dropout import Dropout
 from fromscratch.transformer import Transformer, TransformerConfig
-from fromscratch.transformer import fast
+from fromscratch.transformer import decoding, fast
 from fromscratch.transformer.fast import PackedTransformer, accelerate
 from fromscratch.transformer.model import DecoderLayer, FeedForward
 
@@ -68,7 +69,7 @@ def test_folded_cross_attention_follows_each_search_and_only_where_it_streams_le
             assert torch.equal(accelerated.generate(src, max_new_tokens=12, beam_size=beam_size),
                                plain.generate(src, max_new_tokens=12, beam_size=beam_size))
         folded = accelerated.decode_step.packed.layers[0].folded
-        assert (folded is not None and folded[1].src_len == length) == (length < 16)
+        assert (folded is not None and folded[2].src_len == length) == (length < 16)
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
@@ -78,6 +79,50 @@ def test_accelerated_generation_gives_the_plain_models_tokens(beam_size):
     src = _sources()
     assert torch.equal(accelerated.generate(src, max_new_tokens=12, beam_size=beam_size),
                        plain.generate(src, max_new_tokens=12, beam_size=beam_size))
+
+
+@pytest.mark.parametrize("style", ["gnmt", "hf"])
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_a_pool_of_sources_translates_each_as_it_would_alone(pool, style, monkeypatch):
+    """Beam search with a pool: each source that is done gives its rows to the next, which starts
+    at position 0 beside the others (its own positions, a self-attention mask), with its encoder
+    output and cross-attention keys written into the row (the row widened when it is the longest
+    so far; one source: the folded cross-attention made anew). Every source's translation is the
+    one it gets alone, with its own length + 50 as its limit."""
+    model = accelerate(_model())
+    generator = torch.Generator().manual_seed(3)
+    lengths = [7, 4, 2, 6, 12, 3, 9, 5]  # the first the longest: later ones fit its row (one source: folded)
+    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        src[row, :n] = torch.randint(3, 40, (n,), generator=generator)
+    admitted = []
+    admit = decoding.SourcePool.admit
+    monkeypatch.setattr(decoding.SourcePool, "admit", lambda self, rows, sources: (
+        admitted.extend(sources.tolist()), admit(self, rows, sources))[1])
+    for max_new_tokens in (10, None):
+        admitted.clear()
+        pooled = model.generate(src, max_new_tokens=max_new_tokens, beam_size=3, pool=pool, length_penalty=1.0,
+                                length_penalty_style=style)
+        assert admitted == list(range(pool, len(lengths)))  # in order, each once
+        for row, n in enumerate(lengths):
+            alone = model.generate(src[row:row + 1, :n], max_new_tokens=max_new_tokens, beam_size=3,
+                                   length_penalty=1.0, length_penalty_style=style)[0]
+            assert pooled[row, :len(alone)].tolist() == alone.tolist()
+            assert set(pooled[row, len(alone):].tolist()) <= {model.config.pad_id}
+
+
+def test_a_pool_decodes_in_turn_where_it_cannot_keep_a_batch_full():
+    """Greedy decoding, a model without the packed step, or an n-gram ban: `pool` sources at a
+    time, in turn, each batch as it would be alone."""
+    plain, accelerated, src = _model(), accelerate(_model()), _sources()
+    for model, beam_size, ngram in ((accelerated, 1, 0), (plain, 3, 0), (accelerated, 3, 2)):
+        pooled = model.generate(src, max_new_tokens=8, beam_size=beam_size, pool=2, no_repeat_ngram_size=ngram)
+        parts = [model.generate(src[i:i + 2], max_new_tokens=8, beam_size=beam_size, no_repeat_ngram_size=ngram)
+                 for i in (0, 2)]
+        for row, expected in zip(pooled, [*parts[0], *parts[1]]):
+            assert row[:len(expected)].tolist() == expected.tolist()
+    with pytest.raises(UserError, match="pool must be at least 1 source, got 0"):
+        plain.generate(src, beam_size=3, pool=0)
 
 
 def test_packed_weights_follow_the_models_weights():

@@ -78,6 +78,17 @@ def test_eval_last_line_is_bleu_and_chrf(run_dir, data, tmp_path):
                          "--output", out_file, "--device", "cpu")
     assert re.fullmatch(r"BLEU \d+\.\d\d chrF \d+\.\d\d", result.stdout.splitlines()[-1])
     assert len(out_file.read_text(encoding="utf-8").splitlines()) == 30
+    # 7 sentences at a time: beam search keeps 7 in its batch, the next taking each finished one's place.
+    # (Each sentence then stops at its own length + 50 rather than its batch's longest + 50; the
+    # translations themselves are tested in test_transformer_fast.py.)
+    pooled = fromscratch("translate", "eval", "--checkpoint", run_dir, "--test", data["test"], "--beam", "2",
+                         "--batch-size", "7", "--output", out_file)
+    assert re.fullmatch(r"BLEU \d+\.\d\d chrF \d+\.\d\d", pooled.stdout.splitlines()[-1])
+    assert len(out_file.read_text(encoding="utf-8").splitlines()) == 30
+    bad = fromscratch("translate", "eval", "--checkpoint", run_dir, "--test", data["test"], "--batch-size", "0",
+                      check=False)
+    assert bad.returncode == 2 and "batch size must be at least 1 sentence, got 0" in bad.stderr
+    assert "Traceback" not in bad.stderr
     # A single checkpoint directory works too.
     single = run_dir / "checkpoints" / "step-00000010"
     result = fromscratch("translate", "eval", "--checkpoint", single, "--test", data["test"], "--beam", "1")

@@ -29,6 +29,15 @@ Both searches can forbid repetition: with `no_repeat_ngram_size` n, a token that
 n-gram its row already holds (prompt included) gets −∞, after the log-softmax in beam search and
 on the logits in `sample`: transformers' `no_repeat_ngram_size` (`ban_repeated_ngrams`). A weak
 model's beams otherwise fall into loops ("saya, saya, saya, …").
+
+Beam search can keep its batch full (`pool` P): it searches P prompts at a time and, as soon as
+one is done, gives its K rows to the next waiting prompt (`next_logits.admit`), which starts there
+as K beams of which only the first counts. Searched in fixed batches instead, a batch thins out to
+its last few prompts, and those steps cost nearly what a full one does (the weights are read
+and the search's small operations launched either way). The prompts of one search then differ
+in length, so the rows of `tokens` are right-aligned: a row's tokens are its last columns, pad_id
+before them, and its next-token function (which must keep a KV cache) tells each row's position
+from its own count of steps. Each prompt's search is the one it would have alone.
 """
 
 from collections.abc import Callable
@@ -50,6 +59,10 @@ class NextTokenLogits(Protocol):
         """Keep rows `rows` (N',) of the state, in that order (rows may repeat). within_prompts:
         every row is replaced by a row of the same prompt (beam search after its first step), so
         what is per prompt — an encoder output, image patches, padding — need not move."""
+
+    def admit(self, rows: torch.Tensor, prompts: torch.Tensor) -> None:
+        """Only for beam search's `pool`: prompts `prompts` (n,) start in rows `rows` (n·K,), K
+        rows each, in place of prompts that are done. Their next step is their first token."""
 
 
 def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -150,16 +163,21 @@ def hf_length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int, beam_size: int = 4,
-                alpha: float = 0.6, eos_id: int | None = None, pad_id: int = 0, length_penalty_style: str = "gnmt",
-                banned: torch.Tensor | None = None, no_repeat_ngram_size: int = 0) -> torch.Tensor:
+def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: int | torch.Tensor,
+                beam_size: int = 4, alpha: float = 0.6, eos_id: int | None = None, pad_id: int = 0,
+                length_penalty_style: str = "gnmt", banned: torch.Tensor | None = None,
+                no_repeat_ngram_size: int = 0, pool: int | None = None) -> torch.Tensor:
     """Keep the `beam_size` most probable continuations of every prompt, all prompts batched.
 
     prompt (B, t₀) → (B, L): each prompt's finished hypothesis of highest log P / lp (the new
-    tokens only, EOS included, right-padded with pad_id); a prompt with none finished after
-    max_new_tokens gets its best unfinished beam. `length_penalty_style` "gnmt" or "hf",
-    `banned` (token ids never produced) and `no_repeat_ngram_size` are explained in the module
-    docstring.
+    tokens only, EOS included, right-padded with pad_id); a prompt with none finished after its
+    `max_new_tokens` (one number, or (B,) one per prompt) gets its best unfinished beam.
+    `length_penalty_style` "gnmt" or "hf", `banned` (token ids never produced) and
+    `no_repeat_ngram_size` are explained in the module docstring.
+
+    pool: search at most `pool` prompts at a time (None: all). When a prompt is done, the next
+    waiting one takes its rows (`next_logits.admit`, module docstring), so that the batch stays
+    full instead of thinning out to its slowest prompts; the translations are the same.
     """
     if length_penalty_style not in LENGTH_PENALTY_STYLES:
         raise UserError(f"length_penalty_style {length_penalty_style!r}: "
@@ -167,7 +185,18 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
     hf = length_penalty_style == "hf"
     lp = hf_length_penalty if hf else gnmt_length_penalty
 
-    batch, k = prompt.size(0), beam_size
+    batch, k, device = prompt.size(0), beam_size, prompt.device
+    limits = torch.as_tensor(max_new_tokens, device=device).expand(batch)  # (B,) new tokens allowed
+    longest = int(limits.max()) if batch else 0
+    if longest == 0:
+        return prompt.new_empty(batch, 0)
+    if bool((limits < 1).any()):
+        raise ValueError("each prompt's max_new_tokens must be at least 1 when another's is more")
+
+    def penalty(lengths: torch.Tensor) -> torch.Tensor:
+        """(b,) lengths → (b,) lp: in float64 then rounded to float32, so that dividing by it
+        gives what dividing by lp as a Python float gives (the hf style matches transformers)."""
+        return lp(lengths.double(), alpha).float()
 
     def step_candidates(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's 2K most probable next tokens, (N, c) log-probabilities and (N, c) ids:
@@ -179,53 +208,58 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
             ban_repeated_ngrams(log_probs, tokens, no_repeat_ngram_size)
         return log_probs.topk(min(2 * k, log_probs.size(1)), dim=1)
 
-    device = prompt.device
-    if max_new_tokens == 0:
-        return prompt.new_empty(batch, 0)
-    # The prompt goes through the model once per row; then each row becomes K beams, side by
-    # side in one batch of B·K rows: row b·K + j is beam j of prompt b.
-    candidate_scores, candidate_tokens = step_candidates(prompt)  # (B, c)
-    expand = torch.arange(batch, device=device).repeat_interleave(k)
+    def beams_of(blocks: torch.Tensor) -> torch.Tensor:  # (b,) row blocks → (b·K,) their rows
+        return (blocks[:, None] * k + torch.arange(k, device=device)).view(-1)
+
+    # Prompts being searched: `active[i]` is the prompt of row block i, rows i·K to i·K + K − 1
+    # its K beams side by side; `waiting` prompts join as others finish.
+    n_first = batch if pool is None else min(pool, batch)
+    active, waiting = torch.arange(n_first, device=device), n_first
+    # Each prompt goes through the model once; then each becomes K beams.
+    candidate_scores, candidate_tokens = step_candidates(prompt[:n_first])  # (b, c)
+    expand = active.repeat_interleave(k)
     next_logits.reorder(expand)
     candidate_scores, candidate_tokens, tokens = candidate_scores[expand], candidate_tokens[expand], prompt[expand]
-    beam_scores = torch.zeros(batch, k, device=device)  # log P of each beam's continuation
+    beam_scores = torch.zeros(n_first, k, device=device)  # log P of each beam's continuation
     beam_scores[:, 1:] = float("-inf")  # the K beams start identical: expand only the first
-    first_row = torch.arange(batch, device=device)[:, None] * k  # (B, 1)
+    first_row = torch.arange(n_first, device=device)[:, None] * k  # (b, 1)
     start = prompt.size(1)
+    # Tokens generated by each prompt's beams; a row's tokens are the last `start + lengths`
+    # columns of `tokens` (a prompt that joined later has pad_id before its own).
+    lengths = torch.zeros(n_first, dtype=torch.long, device=device)
 
-    best = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    best = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
     best_scores = torch.full((batch,), float("-inf"), device=device)  # log P / lp of `best`
     best_lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    # Prompts still searched: `active[i]` is the prompt of row block i; a prompt that is done
-    # leaves the batch, so that the others' steps do not pay for it.
-    active = torch.arange(batch, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    kept_scores = torch.full((batch, k), float("-inf"), device=device)  # "hf": the K best finished, best first
-    for t in range(1, max_new_tokens + 1):  # t: hypothesis length after this step
-        if t > 1:
+    kept_scores = torch.full((n_first, k), float("-inf"), device=device)  # "hf": the K best finished, best first
+    steps = 0
+    while True:
+        if steps:
             candidate_scores, candidate_tokens = step_candidates(tokens)  # (b·K, c), b = len(active)
+        steps += 1
+        lengths += 1  # each hypothesis's length after this step
+        limit = limits[active]
         n_active, c = len(active), candidate_scores.size(1)
         scores = (beam_scores.view(-1, 1) + candidate_scores).view(n_active, k * c)
         # Of the best 2K extensions at most K end in EOS, so at least K remain to continue.
         top_scores, top_index = scores.topk(2 * k, dim=1)  # (b, 2K)
         top_beams, top_tokens = top_index // c, candidate_tokens.view(n_active, k * c).gather(1, top_index)
         is_eos = top_tokens == eos_id if eos_id is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
+        at_limit = lengths == limit  # (b,)
 
         # An EOS among the best K finishes a hypothesis; keep it if it beats the prompt's best.
         ends = is_eos[:, :k]
         if hf:  # at the length limit all of the best K end
-            ends = ends | (t == max_new_tokens)
-        finished = torch.where(ends, top_scores[:, :k] / lp(t, alpha), float("-inf"))
+            ends = ends | at_limit[:, None]
+        finished = torch.where(ends, top_scores[:, :k] / penalty(lengths)[:, None], float("-inf"))
         finished_score, j = finished.max(dim=1)  # (b,)
         improved = finished_score > best_scores[active]
         if improved.any():
             rows = (first_row + top_beams.gather(1, j[:, None])).squeeze(1)
             last = top_tokens.gather(1, j[:, None])  # EOS (or, "hf" at the limit, the last token)
-            hypotheses = torch.cat([tokens[rows, start:], last], dim=1)  # (b, t)
-            prompts = active[improved]
-            best[prompts, :t] = hypotheses[improved]
-            best_scores[prompts] = finished_score[improved]
-            best_lengths[prompts] = t
+            hypotheses = torch.cat([tokens[rows], last], dim=1)[improved]  # each one's last `lengths` columns
+            keep_best(best, best_scores, best_lengths, active[improved], hypotheses, lengths[improved],
+                      finished_score[improved], pad_id)
         if hf:
             kept_scores = torch.cat([kept_scores, finished], dim=1).topk(k, dim=1).values
 
@@ -241,25 +275,55 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
 
         if hf:  # transformers' heuristic: K finished, and the best beam at its length no better than the worst
             worst = kept_scores[:, -1]
-            done = (worst > float("-inf")) & (beam_scores.max(dim=1).values / lp(t, alpha) <= worst)
+            done = (worst > float("-inf")) & (beam_scores.max(dim=1).values / penalty(lengths) <= worst)
         else:
             # A prompt is done when no beam can still beat its best: log P only falls as beams
-            # grow, and lp grows at most to lp(max_new_tokens).
-            done = best_scores[active] >= beam_scores.max(dim=1).values / gnmt_length_penalty(max_new_tokens, alpha)
-        if done.all():
-            break
-        if done.any():  # the done prompts leave; nothing they hold can change any more
-            keep = (~done).nonzero().squeeze(1)  # (b',)
-            keep_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
-            next_logits.reorder(keep_rows)
-            tokens, beam_scores, kept_scores, active = tokens[keep_rows], beam_scores[keep], kept_scores[keep], active[keep]
-            first_row = torch.arange(len(active), device=device)[:, None] * k
-    else:  # out of steps: the unfinished beams, now max_new_tokens long, compete too ("hf": done above)
-        if not hf:
+            # grow, and lp grows at most to lp(limit). At its limit, its best unfinished beam
+            # competes too ("hf": all of the best K have, above).
             top_beam_scores, top_beam = beam_scores.max(dim=1)
-            unfinished = top_beam_scores / gnmt_length_penalty(max_new_tokens, alpha)
+            done = best_scores[active] >= top_beam_scores / penalty(limit)
+            unfinished = torch.where(at_limit, top_beam_scores / penalty(limit), float("-inf"))
             improved = unfinished > best_scores[active]
-            best_beams = tokens.view(len(active), k, -1)[torch.arange(len(active), device=device), top_beam]
-            best[active[improved]] = best_beams[improved, start:]
-            best_lengths[active[improved]] = max_new_tokens
+            if improved.any():
+                rows = (first_row.squeeze(1) + top_beam)[improved]
+                keep_best(best, best_scores, best_lengths, active[improved], tokens[rows], limit[improved],
+                          unfinished[improved], pad_id)
+        done |= at_limit
+        if done.any():
+            # Done prompts free their rows: the waiting prompts take them, in order, and start as
+            # K beams of which only the first counts; rows still free then leave the batch.
+            joining = done.nonzero().squeeze(1)[:batch - waiting]
+            if len(joining):
+                prompts = torch.arange(waiting, waiting + len(joining), device=device)
+                waiting += len(joining)
+                rows = beams_of(joining)
+                next_logits.admit(rows, prompts)
+                active[joining], lengths[joining], done[joining] = prompts, 0, False
+                beam_scores[joining] = beam_scores.new_tensor([0.0] + [float("-inf")] * (k - 1))
+                kept_scores[joining] = float("-inf")
+                tokens[rows] = pad_id
+                tokens[rows, tokens.size(1) - start:] = prompt[prompts].repeat_interleave(k, dim=0)
+            if done.all():
+                break
+            if done.any():  # the done prompts leave; nothing they hold can change any more
+                keep = (~done).nonzero().squeeze(1)  # (b',)
+                keep_rows = beams_of(keep)
+                next_logits.reorder(keep_rows)
+                tokens, beam_scores, kept_scores = tokens[keep_rows], beam_scores[keep], kept_scores[keep]
+                active, lengths = active[keep], lengths[keep]
+                first_row = torch.arange(len(active), device=device)[:, None] * k
+        tokens = tokens[:, -(start + int(lengths.max())):]  # the columns some row still needs
     return best[:, :int(best_lengths.max())]
+
+
+def keep_best(best: torch.Tensor, best_scores: torch.Tensor, best_lengths: torch.Tensor, prompts: torch.Tensor,
+              rows: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor, pad_id: int) -> None:
+    """Store, for `prompts` (n,), the hypotheses that are the last `lengths` (n,) tokens of `rows`
+    (n, W), and their scores: into best (B, L) at the start of each row, pad_id after."""
+    width = rows.size(1)
+    position = torch.arange(best.size(1), device=rows.device)
+    taken = width - lengths[:, None] + position  # (n, L): column of rows for each position of best
+    hypotheses = rows.gather(1, taken.clamp(max=width - 1)).masked_fill(position >= lengths[:, None], pad_id)
+    best[prompts] = hypotheses
+    best_scores[prompts] = scores
+    best_lengths[prompts] = lengths

@@ -104,7 +104,9 @@ def register(subparsers) -> None:
     eval_p.add_argument("--checkpoint", required=True, metavar="SPEC", help=checkpoint_help)
     eval_p.add_argument("--test", required=True, metavar="PREFIX", help="test corpus")
     eval_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4, §6.1)")
-    eval_p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
+    eval_p.add_argument("--batch-size", type=int, default=64,
+                        help="sentences decoded at a time (default: 64); beam search keeps that many in its "
+                             "batch, each that is done giving its place to the next")
     eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, one per line")
     eval_p.add_argument("--average", type=int, default=None, metavar="N",
                         help="the mean of the run's last N checkpoints (§6.1), not its best one")

@@ -20,6 +20,7 @@ and pad_id after it.
 """
 
 import torch
+import torch.nn.functional as F
 
 from fromscratch.blocks import beam_search as shared_beam_search
 from fromscratch.blocks import check_sampling_options, gnmt_length_penalty, sample
@@ -82,6 +83,84 @@ class TranslationNextToken(ContextNextToken):
         return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
 
 
+class SourcePool(TranslationNextToken):
+    """`TranslationNextToken` for beam search's `pool` (`fromscratch.blocks.search`): the first
+    `pool` sources are searched first, and each later one takes the rows of a source that is done
+    (`admit`): its encoder output, padding mask and cross-attention keys and values go into that
+    source's row, and its beams start at position 0 while the others go on (every row counts its
+    own positions, `KVCache.row_lengths`). The sources are encoded `pool` at a time, in order, as
+    batches of `pool` would be, and each such chunk's cross-attention keys and values of every
+    layer come from one product. Needs the packed decoding step (`fast.accelerate`, on a CPU)."""
+
+    def __init__(self, model, src_ids: torch.Tensor, pool: int, max_len: int, ban: bool = True):
+        self.model, self.sources, self.pool = model, src_ids, pool  # (B, S): every source, in the order they join
+        self.chunk = None  # (first source, encoder output, mask, [(keys, values)] a layer) of the last chunk encoded
+        cross = [(layer.cross_attention.k_proj, layer.cross_attention.v_proj) for layer in model.decoder_layers]
+        projections = [p for pair in cross for p in pair]
+        self.context_projection = (torch.cat([p.weight for p in projections]),  # (2·layers·d_model, d_model)
+                                   None if projections[0].bias is None else torch.cat([p.bias for p in projections]))
+        (_, memory, src_mask, keys_values), = self.encoded(0, min(pool, len(src_ids)))
+        # Copies: what joins later is written into these rows, and the chunk must stay as it is.
+        super().__init__(model, memory.clone(), src_mask.clone(), use_cache=True, max_len=max_len, ban=ban)
+        self.src_mask = src_mask.clone()  # kept even without padding: later sources may have some
+        for layer, (keys, values) in enumerate(keys_values):
+            self.cache.cross_attention.update(layer, keys.contiguous(), values.contiguous())
+        self.cache.self_attention.row_lengths = torch.zeros(len(memory), dtype=torch.long, device=memory.device)
+
+    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix (N, t), right-aligned (a row's tokens are its last columns) → float32 logits (N, vocab_size)."""
+        logits = self.decode_step(prefix[:, -1], self.memory, self.src_mask, self.cache)  # fast.py
+        return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
+
+    def encoded(self, first: int, end: int) -> list:
+        """Sources first … end − 1, encoded: one (offset among them, encoder output (n, S, d_model),
+        mask (n, 1, 1, S), [(keys, values)] each (n, n_heads, S, d_k) a layer) per chunk they span."""
+        parts, config, offset = [], self.model.config, 0
+        while first < end:
+            if self.chunk is None or not self.chunk[0] <= first < self.chunk[0] + len(self.chunk[1]):
+                ids = self.sources[first:first + self.pool]  # the next `pool` sources, right-padded
+                memory, mask = self.model.encode(ids[:, :int((ids != config.pad_id).sum(dim=1).max())])
+                n, src_len, _ = memory.shape
+                projected = F.linear(memory, *self.context_projection)  # (n, S, 2·layers·d_model)
+                heads = projected.view(n, src_len, -1, 2, config.n_heads, config.d_model // config.n_heads)
+                keys_values = [(heads[:, :, i, 0].transpose(1, 2), heads[:, :, i, 1].transpose(1, 2))
+                               for i in range(heads.size(2))]
+                self.chunk = first, memory, mask, keys_values
+            start, memory, mask, keys_values = self.chunk
+            rows = slice(first - start, min(end, start + len(memory)) - start)
+            parts.append((offset, memory[rows], mask[rows],
+                          [(keys[rows], values[rows]) for keys, values in keys_values]))
+            offset, first = offset + rows.stop - rows.start, start + rows.stop
+        return parts
+
+    def admit(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
+        """Sources `sources` (n,), consecutive, start in rows `rows` (n·K,), in place of sources that are done."""
+        context = rows[::self.group] // self.group  # their rows of the encoder output
+        cross = self.cache.cross_attention
+        for offset, memory, mask, keys_values in self.encoded(int(sources[0]), int(sources[-1]) + 1):
+            src_len = memory.size(1)
+            if src_len > self.memory.size(1):  # longer than any so far: widen (by 8, to do it rarely)
+                width = -(-src_len // 8) * 8
+                self.memory, self.src_mask = padded(self.memory, 1, width, 0.0), padded(self.src_mask, 3, width, False)
+                cross.keys = [padded(keys, 2, width, 0.0) for keys in cross.keys]
+                cross.values = [padded(values, 2, width, 0.0) for values in cross.values]
+            # Beyond the source's length its row keeps what it held (finite), which the mask hides.
+            slots = context[offset:offset + len(memory)]
+            self.memory.narrow(1, 0, src_len).index_copy_(0, slots, memory)
+            self.src_mask.index_copy_(0, slots, padded(mask, 3, self.src_mask.size(3), False))
+            for (keys, values), held_keys, held_values in zip(keys_values, cross.keys, cross.values):
+                held_keys.narrow(2, 0, src_len).index_copy_(0, slots, keys)
+                held_values.narrow(2, 0, src_len).index_copy_(0, slots, values)
+        self.cache.self_attention.row_lengths.index_fill_(0, rows, 0)
+
+
+def padded(x: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
+    """`x` padded with `value` at the end of dimension `dim` to `size` (x itself when that long)."""
+    if x.size(dim) >= size:
+        return x
+    return torch.cat([x, x.new_full((*x.shape[:dim], size - x.size(dim), *x.shape[dim + 1:]), value)], dim)
+
+
 def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int, ban: bool = True):
     """The encoded sources, their next-token function, and the decoder's first input column."""
     memory, src_mask = model.encode(src_ids)
@@ -120,17 +199,44 @@ def beam_search(model, src_ids, max_new_tokens: int, beam_size: int = 4, alpha: 
                               banned=next_token.never if hf else None, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
+def can_pool(model, use_cache: bool, no_repeat_ngram_size: int) -> bool:
+    """Whether beam search can keep a pool of sources (`SourcePool`): the packed step with the
+    cache (a CPU, `accelerate`d; generate then decodes in eval mode), and no n-gram ban (which
+    reads the rows' tokens)."""
+    return (use_cache and not no_repeat_ngram_size and model.decode_step is not None
+            and model.decode_step.current() is not None)
+
+
+@torch.no_grad()
+def pooled_beam_search(model, src_ids, max_new_tokens: torch.Tensor, pool: int, beam_size: int = 4,
+                       alpha: float = 0.6, length_penalty_style: str = "gnmt") -> torch.Tensor:
+    """`beam_search` of src_ids (B, S), at most `pool` sources at a time, each later one taking
+    the rows of one that is done (`SourcePool`); max_new_tokens (B,) per source."""
+    config = model.config
+    hf = length_penalty_style == "hf"
+    next_token = SourcePool(model, src_ids, pool, max_len=int(max_new_tokens.max()) + 1, ban=not hf)
+    start = torch.full((src_ids.size(0), 1), config.start_id, dtype=torch.long, device=src_ids.device)
+    return shared_beam_search(next_token, start, max_new_tokens, beam_size, alpha, eos_id=config.eos_id,
+                              pad_id=config.pad_id, length_penalty_style=length_penalty_style,
+                              banned=next_token.never if hf else None, pool=pool)
+
+
 @torch.no_grad()
 def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, beam_size: int = 1,
              length_penalty: float = 0.6, use_cache: bool = True, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0) -> torch.Tensor:
+             length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0,
+             pool: int | None = None) -> torch.Tensor:
     """Translate src_ids (B, S): greedy when beam_size == 1 and temperature == 0, sampled when
     temperature > 0 (with top_k / top_p, reproducibly with `seed`), else beam search with the GNMT
     length penalty α = length_penalty (§6.1 uses beam 4, α 0.6), or with transformers' ranking
     and stopping rule when length_penalty_style is "hf" (its default α is 1.0). Stops at EOS or after
     max_new_tokens (default: source length + 50, §6.1; at most max_seq_len). no_repeat_ngram_size
     n > 0: no n-gram twice in an output, as transformers' option of that name.
+    pool: decode at most `pool` sources at a time. Beam search with the cache on a CPU then keeps
+    its batch full, a waiting source taking the rows of each that is done, and each source's
+    default limit is its own length + 50 (`pooled_beam_search`); otherwise the sources are
+    decoded `pool` at a time in turn.
     Returns (B, L): no leading start token, the EOS when produced, right-padded with pad_id."""
     if beam_size < 1:
         raise UserError(f"beam_size must be at least 1, got {beam_size}")
@@ -141,14 +247,29 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
     check_ngram_size(no_repeat_ngram_size)
     if beam_size > 1 and temperature > 0:
         raise UserError("beam search is deterministic: use temperature 0 with beam_size > 1, or beam_size 1 to sample")
+    if pool is not None and pool < 1:
+        raise UserError(f"pool must be at least 1 source, got {pool}")
     config = model.config
-    if max_new_tokens is None:
-        max_new_tokens = int((src_ids != config.pad_id).sum(dim=1).max()) + 50
-    max_new_tokens = min(max_new_tokens, config.max_seq_len)
+    pooled = pool is not None and pool < src_ids.size(0)
+    if pooled and not (beam_size > 1 and can_pool(model, use_cache, no_repeat_ngram_size)):
+        options = dict(max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty,
+                       use_cache=use_cache, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       length_penalty_style=length_penalty_style, no_repeat_ngram_size=no_repeat_ngram_size)
+        parts = [generate(model, src_ids[i:i + pool], **options) for i in range(0, src_ids.size(0), pool)]
+        width = max(part.size(1) for part in parts)
+        return torch.cat([padded(part, 1, width, config.pad_id) for part in parts])
+    lengths = (src_ids != config.pad_id).sum(dim=1)  # (B,)
+    if max_new_tokens is None:  # each source's own length + 50 in a pool, else the longest's
+        max_new_tokens = lengths + 50 if pooled else int(lengths.max()) + 50
+    max_new_tokens = torch.as_tensor(max_new_tokens).clamp(max=config.max_seq_len) if pooled \
+        else min(max_new_tokens, config.max_seq_len)
     generator = None if seed is None else torch.Generator(device=src_ids.device).manual_seed(seed)
     was_training = model.training
     model.eval()  # dropout would make generation random (and cached ≠ uncached)
     try:
+        if pooled:
+            return pooled_beam_search(model, src_ids, max_new_tokens, pool, beam_size, length_penalty,
+                                      length_penalty_style)
         if beam_size == 1:
             return greedy_decode(model, src_ids, max_new_tokens, use_cache=use_cache, temperature=temperature,
                                  top_k=top_k, top_p=top_p, generator=generator,

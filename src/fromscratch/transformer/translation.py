@@ -6,7 +6,9 @@ reads: a `translate train` run (with its joint BPE, `tokenizer.json`) or a Huggi
 Both tokenizers give `encode(text) → ids` (no EOS) and `decode(ids) → text`.
 
 `translate` decodes sentences in batches of similar length (beam 4 by default, §6.1) and puts
-them back in order; with `length_penalty_style="hf"` and `length_penalty=1.0` (transformers'
+them back in order. Beam search keeps its batch full: as soon as a sentence is done, the next
+takes its place (`decoding.generate`'s `pool`), instead of a batch thinning out to its last
+sentences; with `length_penalty_style="hf"` and `length_penalty=1.0` (transformers'
 default) its beam search is `MarianMTModel.generate`'s (see the Transformer README for the
 settings under which the two agree). A sentence longer than the model's context is never cut
 silently: it is split at sentence ends (". ", "! ", "? ") into pieces that fit — or, for one
@@ -31,6 +33,7 @@ from fromscratch.checkpoints.safe import read_json_object
 from fromscratch.errors import UserError
 from fromscratch.transformer.checkpoints import MARIAN_HUB_FILES
 from fromscratch.transformer.data import collate_source
+from fromscratch.transformer.fast import accelerate
 from fromscratch.transformer.model import Transformer
 from fromscratch.transformer.tokenizer import TOKENIZER_FILE, BPETokenizer
 
@@ -38,14 +41,16 @@ logger = logging.getLogger(__name__)
 SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
 DECODING_RECORD = "decoding.json"  # in a run directory: {"length_penalty": α} of the recipe that trained it
 PAPER_LENGTH_PENALTY = 0.6  # α of §6.1
+POOLED_BATCHES = 32  # beam search takes this many batches' worth of sentences at a time
 
 
 def load_translator(spec: str | Path, device: str = "cpu", average: int | None = None):
     """(model in eval mode, tokenizer) from a run directory (its best checkpoint, else its latest;
     with `average`, the mean of its last `average` checkpoints), one checkpoint directory of a run,
-    a Marian directory or a hub name."""
+    a Marian directory or a hub name. The model takes the fast paths (`fast.accelerate`: on a CPU
+    the packed decoding step, which beam search's full batch needs), which compute the same."""
     path = resolve_checkpoint(spec, allow_patterns=MARIAN_HUB_FILES)
-    model = Transformer.from_pretrained(path, device, average)
+    model = accelerate(Transformer.from_pretrained(path, device, average))
     found = run_checkpoint(path)
     if found is None:  # a Marian directory (from_pretrained has read its config.json)
         from fromscratch.transformer.marian import MarianTokenizer
@@ -101,6 +106,8 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
     """Detokenised translations of `lines`, in order. Sentences are decoded in batches of similar
     length; a line longer than the model's context is translated in pieces (module docstring),
     and `report` (default: a logged warning) is told so."""
+    if batch_size < 1:
+        raise UserError(f"the batch size must be at least 1 sentence, got {batch_size}")
     if not lines:
         return []
     report = report or logger.warning
@@ -123,10 +130,14 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
     flat = [piece for pieces in pieces_of_line for piece in pieces]
     order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
     out: list[str] = [""] * len(flat)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    # Beam search keeps `batch_size` sources at a time in one batch, each that is done giving its
+    # place to the next (decoding.generate's `pool`); over groups of sources, to bound memory.
+    group = batch_size * POOLED_BATCHES if beam_size > 1 else batch_size
+    for start in range(0, len(order), group):
+        rows = order[start : start + group]
         src = collate_source([flat[i] for i in rows], tokenizer.pad_id, tokenizer.eos_id).to(device)
-        generated = model.generate(src, beam_size=beam_size, length_penalty=length_penalty, **style)
+        pool = {"pool": batch_size} if len(rows) > batch_size else {}
+        generated = model.generate(src, beam_size=beam_size, length_penalty=length_penalty, **style, **pool)
         for i, row in zip(rows, generated.tolist()):
             out[i] = tokenizer.decode(row)
     translations, i = [], 0
