@@ -152,12 +152,12 @@ def stable_slots(parents: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(row).scatter_(1, row, order.expand(b, k))
 
 
-def gnmt_length_penalty(length: int, alpha: float) -> float:
-    """GNMT's lp(Y) = ((5 + |Y|) / 6)^α."""
+def gnmt_length_penalty(length: int | torch.Tensor, alpha: float) -> float | torch.Tensor:
+    """GNMT's lp(Y) = ((5 + |Y|) / 6)^α (of one length, or of a tensor of them)."""
     return ((5 + length) / 6) ** alpha
 
 
-def hf_length_penalty(length: int, alpha: float) -> float:
+def hf_length_penalty(length: int | torch.Tensor, alpha: float) -> float | torch.Tensor:
     """transformers' lp(Y) = |Y|^α (α is its `length_penalty`, 1.0 by default)."""
     return length**alpha
 

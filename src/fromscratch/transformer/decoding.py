@@ -93,15 +93,16 @@ class SourcePool(TranslationNextToken):
     layer come from one product. Needs the packed decoding step (`fast.accelerate`, on a CPU)."""
 
     def __init__(self, model, src_ids: torch.Tensor, pool: int, max_len: int, ban: bool = True):
-        self.model, self.sources, self.pool = model, src_ids, pool  # (B, S): every source, in the order they join
-        self.chunk = None  # (first source, encoder output, mask, [(keys, values)] a layer) of the last chunk encoded
+        self.model, self.pool = model, pool
+        self.sources = src_ids  # (B, S): every source, in the order they join
+        self.chunk = None  # the last `pool` sources encoded: (first source, encoder output, mask, [(keys, values)])
         cross = [(layer.cross_attention.k_proj, layer.cross_attention.v_proj) for layer in model.decoder_layers]
         projections = [p for pair in cross for p in pair]
         self.context_projection = (torch.cat([p.weight for p in projections]),  # (2·layers·d_model, d_model)
                                    None if projections[0].bias is None else torch.cat([p.bias for p in projections]))
         (_, memory, src_mask, keys_values), = self.encoded(0, min(pool, len(src_ids)))
         # Copies: what joins later is written into these rows, and the chunk must stay as it is.
-        super().__init__(model, memory.clone(), src_mask.clone(), use_cache=True, max_len=max_len, ban=ban)
+        super().__init__(model, memory.clone(), None, use_cache=True, max_len=max_len, ban=ban)
         self.src_mask = src_mask.clone()  # kept even without padding: later sources may have some
         for layer, (keys, values) in enumerate(keys_values):
             self.cache.cross_attention.update(layer, keys.contiguous(), values.contiguous())
@@ -134,7 +135,8 @@ class SourcePool(TranslationNextToken):
         return parts
 
     def admit(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
-        """Sources `sources` (n,), consecutive, start in rows `rows` (n·K,), in place of sources that are done."""
+        """Sources `sources` (n,), consecutive, start in rows `rows` (n·K,), in place of sources
+        that are done."""
         context = rows[::self.group] // self.group  # their rows of the encoder output
         cross = self.cache.cross_attention
         for offset, memory, mask, keys_values in self.encoded(int(sources[0]), int(sources[-1]) + 1):
