@@ -187,18 +187,27 @@ def greedy_decode(model, src_ids, max_new_tokens: int, use_cache: bool = True, s
 
 
 @torch.no_grad()
-def beam_search(model, src_ids, max_new_tokens: int, beam_size: int = 4, alpha: float = 0.6, use_cache: bool = True,
-                length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0):
+def beam_search(model, src_ids, max_new_tokens: int | torch.Tensor, beam_size: int = 4, alpha: float = 0.6,
+                use_cache: bool = True, length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0,
+                pool: int | None = None):
     """Keep the beam_size most probable translations of every source, batched. src_ids (B, S) →
     (B, L): each source's finished hypothesis of highest log P / lp; a source with none by
-    max_new_tokens gets its best unfinished beam. length_penalty_style "hf": as transformers
-    (module docstring), which bans pad and start after the softmax rather than before."""
+    max_new_tokens (one number, or (B,) one each) gets its best unfinished beam. length_penalty_style
+    "hf": as transformers (module docstring), which bans pad and start after the softmax rather
+    than before. pool: at most `pool` sources at a time, each later one taking the rows of one
+    that is done (`SourcePool`; needs `can_pool`)."""
     config = model.config
     hf = length_penalty_style == "hf"
-    next_token, start = _start(model, src_ids, use_cache, max_new_tokens, ban=not hf)
+    if pool is None:
+        next_token, start = _start(model, src_ids, use_cache, max_new_tokens, ban=not hf)
+    else:
+        longest = int(torch.as_tensor(max_new_tokens).max())
+        next_token = SourcePool(model, src_ids, pool, max_len=longest + 1, ban=not hf)
+        start = torch.full((src_ids.size(0), 1), config.start_id, dtype=torch.long, device=src_ids.device)
     return shared_beam_search(next_token, start, max_new_tokens, beam_size, alpha, eos_id=config.eos_id,
                               pad_id=config.pad_id, length_penalty_style=length_penalty_style,
-                              banned=next_token.never if hf else None, no_repeat_ngram_size=no_repeat_ngram_size)
+                              banned=next_token.never if hf else None, no_repeat_ngram_size=no_repeat_ngram_size,
+                              pool=pool)
 
 
 def can_pool(model, use_cache: bool, no_repeat_ngram_size: int) -> bool:
@@ -207,20 +216,6 @@ def can_pool(model, use_cache: bool, no_repeat_ngram_size: int) -> bool:
     reads the rows' tokens)."""
     return (use_cache and not no_repeat_ngram_size and model.decode_step is not None
             and model.decode_step.current() is not None)
-
-
-@torch.no_grad()
-def pooled_beam_search(model, src_ids, max_new_tokens: torch.Tensor, pool: int, beam_size: int = 4,
-                       alpha: float = 0.6, length_penalty_style: str = "gnmt") -> torch.Tensor:
-    """`beam_search` of src_ids (B, S), at most `pool` sources at a time, each later one taking
-    the rows of one that is done (`SourcePool`); max_new_tokens (B,) per source."""
-    config = model.config
-    hf = length_penalty_style == "hf"
-    next_token = SourcePool(model, src_ids, pool, max_len=int(max_new_tokens.max()) + 1, ban=not hf)
-    start = torch.full((src_ids.size(0), 1), config.start_id, dtype=torch.long, device=src_ids.device)
-    return shared_beam_search(next_token, start, max_new_tokens, beam_size, alpha, eos_id=config.eos_id,
-                              pad_id=config.pad_id, length_penalty_style=length_penalty_style,
-                              banned=next_token.never if hf else None, pool=pool)
 
 
 @torch.no_grad()
@@ -237,7 +232,7 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
     n > 0: no n-gram twice in an output, as transformers' option of that name.
     pool: decode at most `pool` sources at a time. Beam search with the cache on a CPU then keeps
     its batch full, a waiting source taking the rows of each that is done, and each source's
-    default limit is its own length + 50 (`pooled_beam_search`); otherwise the sources are
+    default limit is its own length + 50 (`beam_search`'s pool); otherwise the sources are
     decoded `pool` at a time in turn.
     Returns (B, L): no leading start token, the EOS when produced, right-padded with pad_id."""
     if beam_size < 1:
@@ -270,8 +265,8 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
     model.eval()  # dropout would make generation random (and cached ≠ uncached)
     try:
         if pooled:
-            return pooled_beam_search(model, src_ids, max_new_tokens, pool, beam_size, length_penalty,
-                                      length_penalty_style)
+            return beam_search(model, src_ids, max_new_tokens, beam_size, length_penalty,
+                               length_penalty_style=length_penalty_style, pool=pool)
         if beam_size == 1:
             return greedy_decode(model, src_ids, max_new_tokens, use_cache=use_cache, temperature=temperature,
                                  top_k=top_k, top_p=top_p, generator=generator,
