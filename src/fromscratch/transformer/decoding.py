@@ -80,6 +80,10 @@ class TranslationNextToken(ContextNextToken):
         else:
             hidden = self.model.decode(new, self.memory, self.src_mask, self.cache)  # (N, T_new, d_model)
             logits = self.model.logits(hidden[:, -1]).float()
+        return self.banned(logits)
+
+    def banned(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (N, vocab_size) with the tokens never generated at −∞ (a copy), when this function bans them."""
         return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
 
 
@@ -110,8 +114,7 @@ class SourcePool(TranslationNextToken):
 
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         """prefix (N, t), right-aligned (a row's tokens are its last columns) → float32 logits (N, vocab_size)."""
-        logits = self.decode_step(prefix[:, -1], self.memory, self.src_mask, self.cache)  # fast.py
-        return logits.index_fill(1, self.never, float("-inf")) if self.ban else logits
+        return self.banned(self.decode_step(prefix[:, -1], self.memory, self.src_mask, self.cache))  # fast.py
 
     def encoded(self, first: int, end: int) -> list:
         """Sources first … end − 1, encoded: one (offset among them, encoder output (n, S, d_model),
@@ -167,8 +170,18 @@ def _start(model, src_ids: torch.Tensor, use_cache: bool, max_new_tokens: int, b
     """The encoded sources, their next-token function, and the decoder's first input column."""
     memory, src_mask = model.encode(src_ids)
     next_token = TranslationNextToken(model, memory, src_mask, use_cache, max_len=max_new_tokens + 1, ban=ban)
-    start = torch.full((src_ids.size(0), 1), model.config.start_id, dtype=torch.long, device=src_ids.device)
-    return next_token, start
+    return next_token, start_column(model, src_ids.size(0), src_ids.device)
+
+
+def start_column(model, n: int, device) -> torch.Tensor:
+    """The decoder's first input for `n` sequences: (n, 1) start tokens."""
+    return torch.full((n, 1), model.config.start_id, dtype=torch.long, device=device)
+
+
+def shifted_right(model, out_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's input that predicts outputs out_ids (B, L) under teacher forcing: the start
+    token, then out_ids but its last token, (B, L)."""
+    return torch.cat([start_column(model, out_ids.size(0), out_ids.device), out_ids[:, :-1]], dim=1)
 
 
 @torch.no_grad()
@@ -203,7 +216,7 @@ def beam_search(model, src_ids, max_new_tokens: int | torch.Tensor, beam_size: i
     else:
         longest = int(torch.as_tensor(max_new_tokens).max())
         next_token = SourcePool(model, src_ids, pool, max_len=longest + 1, ban=not hf)
-        start = torch.full((src_ids.size(0), 1), config.start_id, dtype=torch.long, device=src_ids.device)
+        start = start_column(model, src_ids.size(0), src_ids.device)
     return shared_beam_search(next_token, start, max_new_tokens, beam_size, alpha, eos_id=config.eos_id,
                               pad_id=config.pad_id, length_penalty_style=length_penalty_style,
                               banned=next_token.never if hf else None, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -282,8 +295,7 @@ def sequence_scores(model, src_ids, out_ids, alpha: float = 0.6) -> torch.Tensor
     """The score beam search ranks by, log P(Y | X) / lp(Y), of outputs out_ids (B, L) as the
     functions above return them (no start token; EOS, then padding, optional). Returns (B,)."""
     config = model.config
-    start = torch.full((out_ids.size(0), 1), config.start_id, dtype=torch.long, device=out_ids.device)
-    log_probs = model(src_ids, torch.cat([start, out_ids[:, :-1]], dim=1)).float().log_softmax(dim=-1)
+    log_probs = model(src_ids, shifted_right(model, out_ids)).float().log_softmax(dim=-1)
     token_log_probs = log_probs.gather(2, out_ids[:, :, None]).squeeze(2)  # (B, L)
     real = out_ids != config.pad_id
     lengths = real.sum(dim=1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fromscratch.errors import UserError
+from fromscratch.transformer.decoding import shifted_right
 from fromscratch.transformer.model import Transformer, sinusoidal_positions
 
 
@@ -59,15 +60,13 @@ def cross_attention_weights(model: Transformer, src_ids: torch.Tensor, out_ids: 
     """Each decoder layer's encoder–decoder attention weights, (B, n_heads, T_out, S), while the
     decoder reads [BOS] + out_ids[:, :-1] (teacher forcing: row t is the attention that
     produced out_ids[:, t])."""
-    config = model.config
-    bos = torch.full((out_ids.size(0), 1), config.start_id, dtype=torch.long, device=out_ids.device)
     attentions = [layer.cross_attention for layer in model.decoder_layers]
     was_training = model.training
     model.eval()
     try:
         for attention in attentions:
             attention.record_weights = True
-        model(src_ids, torch.cat([bos, out_ids[:, :-1]], dim=1))
+        model(src_ids, shifted_right(model, out_ids))
         return [attention.weights for attention in attentions]
     finally:
         for attention in attentions:
