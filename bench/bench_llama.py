@@ -26,7 +26,6 @@ import ctypes
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import interleaved, rates, speedup, write_results
 
 from fromscratch.devices import describe_device
 from fromscratch.fast.gemm import onednn_linear
@@ -63,19 +63,6 @@ def huggingface_copy(model: Llama):
     return hf
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def rates(work: float, times: list[float]) -> dict:
-    return {"best": round(work / min(times), 1), "median": round(work / statistics.median(times), 1)}
-
-
 def bench_decode(model, hf, new_tokens: int, repeats: int) -> dict:
     prompt = torch.tensor([PROMPT])
     ours = lambda: model.generate(prompt, new_tokens, temperature=0)  # noqa: E731
@@ -83,16 +70,11 @@ def bench_decode(model, hf, new_tokens: int, repeats: int) -> dict:
                                  do_sample=False)
     with torch.inference_mode():
         same = torch.equal(ours(), theirs())  # also the warm-up
-        ours_t, theirs_t = [], []
-        for _ in range(repeats):
-            ours_t += timed(ours, 1)
-            theirs_t += timed(theirs, 1)
-    ours_rate, theirs_rate = rates(new_tokens, ours_t), rates(new_tokens, theirs_t)
+        times = interleaved({"ours": ours, "theirs": theirs}, repeats)
+    ours_rate, theirs_rate = rates(new_tokens, times["ours"]), rates(new_tokens, times["theirs"])
     return {
         "new_tokens": new_tokens, "batch_size": 1, "identical_tokens": same,
-        "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate,
-        "speedup_best": round(ours_rate["best"] / theirs_rate["best"], 2),
-        "speedup_median": round(ours_rate["median"] / theirs_rate["median"], 2),
+        "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate, **speedup(ours_rate, theirs_rate),
     }
 
 
@@ -119,18 +101,12 @@ def bench_train(model, hf, batch_size: int, seq_len: int, repeats: int) -> dict:
         loss.backward()
         hf_opt.step()
 
-    ours(), theirs()  # warm-up (AdamW allocates its state)
-    ours_t, theirs_t = [], []
-    for _ in range(repeats):
-        ours_t += timed(ours, 1)
-        theirs_t += timed(theirs, 1)
+    times = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup=1)  # AdamW allocates its state
     tokens = batch_size * seq_len
-    ours_rate, theirs_rate = rates(tokens, ours_t), rates(tokens, theirs_t)
+    ours_rate, theirs_rate = rates(tokens, times["ours"]), rates(tokens, times["theirs"])
     return {
         "batch": [batch_size, seq_len], "optimizer": "torch.optim.AdamW(fused=True) for both",
-        "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate,
-        "speedup_best": round(ours_rate["best"] / theirs_rate["best"], 2),
-        "speedup_median": round(ours_rate["median"] / theirs_rate["median"], 2),
+        "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate, **speedup(ours_rate, theirs_rate),
     }
 
 
@@ -176,17 +152,14 @@ def bench_kv_cache(model, new_tokens: int, repeats: int, threads: int) -> dict:
     cached = lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=True)  # noqa: E731
     uncached = lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=False)  # noqa: E731
     assert torch.equal(cached(), uncached())
-    cached_t, uncached_t = [], []
-    for _ in range(repeats):
-        cached_t += timed(cached, 1)
-        uncached_t += timed(uncached, 1)
+    times = interleaved({"cached": cached, "uncached": uncached}, repeats)
     memory = {}
     for name in ("cached", "uncached"):
         out = subprocess.run(
             [sys.executable, __file__, "--memory-probe", name, "--new-tokens", str(new_tokens),
              "--threads", str(threads)], capture_output=True, text=True, check=True)
         memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    cached_rate, uncached_rate = rates(new_tokens, cached_t), rates(new_tokens, uncached_t)
+    cached_rate, uncached_rate = rates(new_tokens, times["cached"]), rates(new_tokens, times["uncached"])
     return {
         "new_tokens": new_tokens, "cached_tokens_per_s": cached_rate, "uncached_tokens_per_s": uncached_rate,
         "speedup_best": round(cached_rate["best"] / uncached_rate["best"], 2),
@@ -229,7 +202,7 @@ def bench_decode_layouts(model, repeats: int) -> dict:
                     product(x, w)
 
             one_token()
-            seconds = min(timed(lambda: [one_token() for _ in range(20)], repeats)) / 20
+            seconds = min(interleaved({name: lambda: [one_token() for _ in range(20)]}, repeats)[name]) / 20
             results[name] = {"ms_per_token": round(seconds * 1e3, 2), "gb_per_s": round(total_bytes / seconds / 1e9, 1)}
     return results
 
@@ -252,13 +225,9 @@ def bench_gemm(model, tokens: int, repeats: int) -> dict:
         }
         flops = 2 * rows * d_in * d_out
         for product, (mkl, onednn) in products.items():
-            mkl(), onednn()
-            mkl_t, onednn_t = [], []
-            for _ in range(repeats):
-                mkl_t += timed(mkl, 1)
-                onednn_t += timed(onednn, 1)
+            times = interleaved({"mkl": mkl, "onednn": onednn}, repeats, warmup=1)
             results[f"{name}: {product}"] = {
-                "mkl_gflops": round(flops / min(mkl_t) / 1e9), "onednn_gflops": round(flops / min(onednn_t) / 1e9)}
+                "mkl_gflops": round(flops / min(times["mkl"]) / 1e9), "onednn_gflops": round(flops / min(times["onednn"]) / 1e9)}
     out = subprocess.run([sys.executable, __file__, "--memory-probe", "onednn", "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True)
     results.update(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -325,10 +294,7 @@ def main() -> None:
     results["gemm"] = bench_gemm(model, batch_size * seq_len, repeats)
     results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps(results, indent=2, ensure_ascii=False))
+    write_results(results, args.out, echo=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ shared); the median is kept too. Timing helpers are bench_llama's.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,7 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_llama import PROMPT, rates, timed
+from bench_llama import bench_decode as llama_bench_decode
+from harness import interleaved, rates, speedup, write_results
 
 from fromscratch.devices import describe_device
 from fromscratch.moe import MoEConfig, MoEFeedForward, MoELlama, accelerate
@@ -54,11 +54,6 @@ def huggingface_copy(model: MoELlama):
     hf.generation_config.eos_token_id = None  # never stop early
     hf.generation_config.pad_token_id = 0
     return hf
-
-
-def speedup(ours: dict, theirs: dict) -> dict:
-    return {"speedup_best": round(ours["best"] / theirs["best"], 2),
-            "speedup_median": round(ours["median"] / theirs["median"], 2)}
 
 
 OPTIMIZERS = {"foreach": {}, "fused": {"fused": True}}
@@ -95,32 +90,17 @@ def bench_train(model, hf, batch_size: int, seq_len: int, repeats: int, optimize
         loss.backward()
         hf_optimizer.step()
 
-    ours(), theirs()  # warm-up (AdamW allocates its state)
-    ours_t, theirs_t = [], []
-    for _ in range(repeats):
-        ours_t += timed(ours, 1)
-        theirs_t += timed(theirs, 1)
+    times = interleaved({"ours": ours, "theirs": theirs}, repeats, warmup=1)  # AdamW allocates its state
     tokens = batch_size * seq_len
-    ours_rate, theirs_rate = rates(tokens, ours_t), rates(tokens, theirs_t)
+    ours_rate, theirs_rate = rates(tokens, times["ours"]), rates(tokens, times["theirs"])
     return {"batch": [batch_size, seq_len], "optimizer": f"torch.optim.AdamW ({optimizer})",
             "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate, **speedup(ours_rate, theirs_rate)}
 
 
 def bench_decode(model, hf, new_tokens: int, repeats: int) -> dict:
-    prompt = torch.tensor([PROMPT])
+    """Llama's generation benchmark (`bench_llama.bench_decode`), in eval mode."""
     model.eval(), hf.eval()
-    ours = lambda: model.generate(prompt, new_tokens, temperature=0)  # noqa: E731
-    theirs = lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
-                                 do_sample=False)
-    with torch.inference_mode():
-        same = torch.equal(ours(), theirs())  # also the warm-up
-        ours_t, theirs_t = [], []
-        for _ in range(repeats):
-            ours_t += timed(ours, 1)
-            theirs_t += timed(theirs, 1)
-    ours_rate, theirs_rate = rates(new_tokens, ours_t), rates(new_tokens, theirs_t)
-    return {"new_tokens": new_tokens, "batch_size": 1, "identical_tokens": same,
-            "ours_tokens_per_s": ours_rate, "hf_tokens_per_s": theirs_rate, **speedup(ours_rate, theirs_rate)}
+    return llama_bench_decode(model, hf, new_tokens, repeats)
 
 
 def naive_moe(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -162,13 +142,7 @@ def bench_dispatch(config: MoEConfig, n_tokens: int, repeats: int) -> dict:
     with torch.no_grad():
         reference = naive_moe(layer, x)
         agree = {name: torch.allclose(fn(x), reference, atol=1e-5, rtol=1e-4) for name, fn in candidates.items()}
-    times = {name: [] for name in candidates}
-    runs = {name: forward_backward(fn) for name, fn in candidates.items()}
-    for run in runs.values():
-        run()  # warm-up
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name] += timed(run, 1)
+    times = interleaved({name: forward_backward(fn) for name, fn in candidates.items()}, repeats, warmup=1)
     result = {"tokens": n_tokens, "shape": f"d_model {config.d_model}, {config.n_experts} experts of {config.expert_dim}, "
                                           f"top-{config.top_k}", "same_output": agree}
     for name, t in times.items():
@@ -183,12 +157,8 @@ def bench_experts(batch_size: int, seq_len: int, repeats: int, optimizer: str, c
         model = accelerate(MoELlama(MoEConfig.from_preset("mixtral-tiny", n_experts=n))).train()
         inputs, targets = training_batch(model.config.vocab_size, batch_size, seq_len)
         steps[n] = training_step(model, inputs, targets, adamw(model, optimizer))
-        steps[n]()  # warm-up
         params[n] = model.num_parameters()
-    times = {n: [] for n in counts}
-    for _ in range(repeats):
-        for n in counts:
-            times[n] += timed(steps[n], 1)
+    times = interleaved(steps, repeats, warmup=1)
     few, many = counts
     result = {"batch": [batch_size, seq_len], "top_k": 2, "optimizer": f"torch.optim.AdamW ({optimizer})"}
     for n in counts:
@@ -238,10 +208,7 @@ def main() -> None:
     results["experts_32_vs_8"] = bench_experts(batch_size, seq_len, repeats, args.optimizer)
     results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps(results, indent=2, ensure_ascii=False))
+    write_results(results, args.out, echo=True)
 
 
 if __name__ == "__main__":

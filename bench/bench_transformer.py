@@ -25,19 +25,17 @@ Writes bench/results/transformer.json.
 """
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from harness import alternate, write_results
 
 from fromscratch.devices import describe_device
 from fromscratch.transformer import Transformer, TransformerConfig, load_translator, translate
@@ -80,20 +78,6 @@ def batch(config, batch_size, src_len, tgt_len, generator):
     src[torch.arange(src_len)[None, :] >= lengths[:, None]] = config.pad_id
     tgt = torch.randint(3, config.vocab_size, (batch_size, tgt_len + 1), generator=generator)
     return src, tgt[:, :-1], tgt[:, 1:]
-
-
-def alternate(contenders: dict, rounds: int, warmup: int = 1) -> dict:
-    """Seconds per call of each contender: median and best over `rounds`, calls interleaved."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"median": statistics.median(t), "best": min(t)} for name, t in times.items()}
 
 
 def bench_training(config, batch_size, src_len, tgt_len, rounds, dtype=torch.float32):
@@ -273,8 +257,7 @@ def main():
               f"MarianMTModel {b['sentences_per_second']['huggingface']:.1f}/s, {b['speedup_over_huggingface']:.1f}x; "
               f"{b['identical_translations']} identical", flush=True)
     results["load_average_at_end"] = list(os.getloadavg())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, args.output)
     print(f"wrote {args.output}")
 
 

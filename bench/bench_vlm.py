@@ -22,17 +22,15 @@ Writes bench/results/vlm.json.
 """
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
+from harness import alternate, write_results
 
 from fromscratch.devices import describe_device
 from fromscratch.vlm import CLIP, VLM, ViT, VLMConfig, accelerate
@@ -41,18 +39,9 @@ from fromscratch.vlm.decoding import generate, image_memory
 RESULTS = Path(__file__).resolve().parent / "results" / "vlm.json"
 
 
-def alternate(contenders: dict, rounds: int, warmup: int = 1) -> dict:
-    """Seconds per call of each contender: median over `rounds`, calls interleaved."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def median_seconds(contenders: dict, rounds: int, warmup: int = 1) -> dict:
+    """Median seconds a call of each contender, over `rounds` interleaved rounds (`harness.alternate`)."""
+    return {name: s["median"] for name, s in alternate(contenders, rounds, warmup).items()}
 
 
 def bench_vit_training(hf_config: dict, batch_size: int, rounds: int) -> dict:
@@ -80,7 +69,7 @@ def bench_vit_training(hf_config: dict, batch_size: int, rounds: int) -> dict:
         loss.backward()
         optimizers[name].step()
 
-    seconds = alternate({"ours": lambda: step("ours"), "transformers": lambda: step("theirs")}, rounds)
+    seconds = median_seconds({"ours": lambda: step("ours"), "transformers": lambda: step("theirs")}, rounds)
     return {
         "config": hf_config, "batch_size": batch_size, "parameters": sum(p.numel() for p in ours.parameters()),
         "seconds_per_step": seconds, "images_per_second": {k: batch_size / s for k, s in seconds.items()},
@@ -111,7 +100,7 @@ def bench_clip_encoding(text_config: dict, vision_config: dict, n_images: int, n
     with torch.no_grad():
         logits = theirs(input_ids=ids, pixel_values=images).logits_per_image
         assert (ours(images, ids) - logits).abs().max() < 1e-3  # the same model, twice
-    seconds = alternate({"ours": encode_ours, "transformers": encode_theirs}, rounds)
+    seconds = median_seconds({"ours": encode_ours, "transformers": encode_theirs}, rounds)
     return {
         "text_config": text_config, "vision_config": vision_config, "n_images": n_images, "n_texts": n_texts,
         "seconds": seconds, "pairs_per_second": {k: (n_images + n_texts) / 2 / s for k, s in seconds.items()},
@@ -133,7 +122,7 @@ def bench_captioning(preset: str, batch_size: int, new_tokens: int, rounds: int)
         return out
 
     assert torch.equal(decode(True), decode(False))
-    seconds = alternate({"cached": lambda: decode(True), "uncached": lambda: decode(False)}, rounds, warmup=0)
+    seconds = median_seconds({"cached": lambda: decode(True), "uncached": lambda: decode(False)}, rounds, warmup=0)
     return {
         "config": config.to_dict(), "batch_size": batch_size, "new_tokens": new_tokens, "seconds": seconds,
         "words_per_second": {k: batch_size * new_tokens / s for k, s in seconds.items()},
@@ -188,8 +177,7 @@ def main():
     print(f"captioning ({r['batch_size']} images, {r['new_tokens']} words): cached {r['seconds']['cached']:.3f} s, "
           f"uncached {r['seconds']['uncached']:.3f} s, speed-up {r['speedup_cached_over_uncached']:.1f}x", flush=True)
     results["load_average_after"] = os.getloadavg()[0]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, args.output)
     print(f"wrote {args.output}")
 
 
