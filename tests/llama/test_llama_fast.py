@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fromscratch.fast.packed
 from fromscratch.llama import fast
 from fromscratch.llama.config import LlamaConfig
 from fromscratch.llama.fast import (
@@ -145,7 +146,7 @@ def test_a_model_made_in_inference_mode_is_packed_afresh_each_time():
 def test_only_small_cpu_models_are_packed(monkeypatch):
     model = _model(CONFIGS["mha"])
     assert PackedDecoder.supports(model)
-    monkeypatch.setattr(fast, "PACK_MAX_BYTES", 1000)
+    monkeypatch.setattr(fromscratch.fast.packed, "PACK_MAX_BYTES", 1000)
     assert not PackedDecoder.supports(model)
     assert accelerate(model).decode_step is None
 

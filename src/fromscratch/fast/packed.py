@@ -81,6 +81,18 @@ def _count_registration(module, name, value) -> None:
     _registrations += 1
 
 
+PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through their own forward instead
+
+
+def fits_a_packed_copy(model: nn.Module) -> bool:
+    """Whether a packed copy of `model`'s weights applies and is affordable: every parameter on
+    a CPU (the packed products are a CPU device), and at most PACK_MAX_BYTES of them (the copy
+    doubles them)."""
+    parameters = list(model.parameters())
+    return (all(p.device.type == "cpu" for p in parameters)
+            and sum(p.numel() * p.element_size() for p in parameters) <= PACK_MAX_BYTES)
+
+
 register_optimizer_step_post_hook(_count_optimizer_step)
 nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 nn.modules.module.register_module_module_registration_hook(_count_registration)

@@ -33,8 +33,8 @@ AMD EPYC of `bench/bench_llama.py` (section "decode_layouts"; docs/performance.m
   three) and w1|w3 (the SwiGLU gate and up projections). Fewer, larger products: less overhead.
 
 The copy costs as much memory as the weights, so it is made only for CPU models up to
-`PACK_MAX_BYTES`, on the first decoding step, and made again whenever a parameter is replaced or
-written in place. `tests/llama/test_llama_fast.py` checks the step's logits against `Llama.forward`.
+`fromscratch.fast.packed.PACK_MAX_BYTES`, on the first decoding step, and made again whenever a
+parameter is replaced or written in place. `tests/llama/test_llama_fast.py` checks the step's logits against `Llama.forward`.
 """
 
 from collections.abc import Callable
@@ -46,10 +46,16 @@ import torch.nn.functional as F
 from fromscratch.blocks import scaled_dot_product_attention
 from fromscratch.fast import gemm
 from fromscratch.fast.cross_entropy import lm_cross_entropy
-from fromscratch.fast.packed import PackedCopy, blocked_matmul, column_blocks, n_column_blocks, packed  # noqa: F401
+from fromscratch.fast.packed import (  # noqa: F401
+    PackedCopy,
+    blocked_matmul,
+    column_blocks,
+    fits_a_packed_copy,
+    n_column_blocks,
+    packed,
+)
 from fromscratch.llama.model import Attention, FeedForward, Llama, RMSNorm, TransformerBlock, apply_rope
 
-PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through Llama.forward instead
 
 
 def accelerate(model: Llama) -> Llama:
@@ -155,9 +161,7 @@ class PackedDecoder(PackedCopy):
             and type(block.feed_forward) in PACKED_FEED_FORWARDS
             for block in model.layers
         ) and type(model.norm) is RMSNorm
-        weight = model.tok_embeddings.weight
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        return known and weight.device.type == "cpu" and size <= PACK_MAX_BYTES
+        return known and fits_a_packed_copy(model)
 
     def run_step(self, packed: PackedLlama | None, tokens: torch.Tensor, cache,
                  pad_lengths: torch.Tensor | None = None) -> torch.Tensor:

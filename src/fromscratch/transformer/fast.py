@@ -49,7 +49,7 @@ from fromscratch.fast.attention import applies as short_attention_applies
 from fromscratch.fast.attention import short_attention
 from fromscratch.fast.cross_entropy import linear_cross_entropy
 from fromscratch.fast.dropout import Dropout
-from fromscratch.fast.packed import PackedCopy, bias_blocks, blocked_matmul, packed
+from fromscratch.fast.packed import PackedCopy, bias_blocks, blocked_matmul, fits_a_packed_copy, packed
 from fromscratch.transformer.model import (
     DecoderLayer,
     EncoderLayer,
@@ -60,7 +60,6 @@ from fromscratch.transformer.model import (
     next_token_loss,
 )
 
-PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through Transformer.decode instead
 PACKED_ROWS = 16  # up to this many rows a step streams weights (packed); beyond, it computes (nn.Linear)
 VAR_MEAN_ROWS = 4  # up to this many rows a decoding step's LayerNorm takes var_mean (decoding_norm)
 
@@ -456,9 +455,7 @@ class PackedDecoder(PackedCopy):
             and all(type(norm) in NORMS for norm in layer.norms)
             for layer in model.decoder_layers
         )
-        weight = model.tgt_embedding.weight
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        return known and weight.device.type == "cpu" and size <= PACK_MAX_BYTES
+        return known and fits_a_packed_copy(model)
 
     def current_for_step(self):
         return None if self.model.training else self.current()  # in training, dropout would apply
