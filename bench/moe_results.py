@@ -27,6 +27,7 @@ import numpy as np
 
 from fromscratch.checkpoints.safe import read_json_object
 from fromscratch.engine.metrics import read_csv
+from fromscratch.engine.plot import pyplot, save_figure
 
 
 def dense_twin(args, engine: list[str]) -> None:
@@ -80,17 +81,8 @@ def curves(run: Path) -> dict:
             "tokens": [by_step[s][0] for s in eval_steps], "seconds": [by_step[s][1] for s in eval_steps]}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_balance(runs: list[Path], out: Path) -> dict:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_load, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
     summary = {}
     for run in runs:
@@ -120,13 +112,12 @@ def plot_balance(runs: list[Path], out: Path) -> dict:
     for ax in (ax_load, ax_loss):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return summary
 
 
 def plot_vs_dense(moe: Path, dense: Path, out: Path) -> dict:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_flops, ax_time) = plt.subplots(1, 2, figsize=(12, 4.2))
     summary = {}
     for run in (moe, dense):
@@ -154,8 +145,7 @@ def plot_vs_dense(moe: Path, dense: Path, out: Path) -> dict:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return summary
 
 

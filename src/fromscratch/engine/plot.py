@@ -1,16 +1,36 @@
-"""Training curves of one or several runs, overlaid: loss, learning rate, throughput."""
+"""Training curves of one or several runs, overlaid: loss, learning rate, throughput; and what
+every figure of the package needs (`pyplot`, `save_figure`)."""
 
 from pathlib import Path
 
 from fromscratch.engine.metrics import read_csv
+from fromscratch.errors import UserError
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing to files (the Agg backend: no display needed). matplotlib is
+    optional: without it, a one-line error says how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise UserError("figures need matplotlib: pip install 'fromscratch[plot]'") from error
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Write `fig` to `path` (its folder made if missing) and close it; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(1, 3, figsize=(15, 4.2))
     for run_dir in map(Path, run_dirs):
         train, evals = read_csv(run_dir / "metrics.csv"), read_csv(run_dir / "eval.csv")
@@ -28,7 +48,4 @@ def plot_runs(run_dirs: list[Path], out_path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path, dpi=110)

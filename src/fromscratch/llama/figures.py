@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fromscratch.engine.plot import pyplot, save_figure
 from fromscratch.llama.config import LlamaConfig
 from fromscratch.llama.model import apply_rope, precompute_rope_rotations
 
@@ -20,20 +21,11 @@ def kv_cache_bytes(config: LlamaConfig, seq_len: int, batch_size: int = 1, bytes
     return 2 * config.n_layers * batch_size * config.kv_heads * seq_len * config.head_dim * bytes_per_value
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_rope_rotation(path, head_dim: int = 64, theta: float = 10000.0) -> Path:
     """Left: one 2-D pair of a query rotated by RoPE at positions 0..15, for a fast, a middle and
     a slow frequency θⱼ. Right: q·k of random positive q and k placed m − n apart (mean of 100
     pairs), which decays as they move apart: RoFormer §3.4.3's long-term decay."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
 
@@ -69,15 +61,14 @@ def plot_rope_rotation(path, head_dim: int = 64, theta: float = 10000.0) -> Path
     right.set_title("the score sees only m − n, and decays with it")
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 
 def plot_kv_cache_memory(path, max_seq_len: int = 32768) -> Path:
     """KV-cache size (fp16, batch 1) against context length for the 7B and 70B shapes, with
     multi-head (n_kv_heads = n_heads), grouped-query (8) and multi-query (1) attention."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lengths = list(range(0, max_seq_len + 1, 512))
@@ -96,8 +87,7 @@ def plot_kv_cache_memory(path, max_seq_len: int = 32768) -> Path:
         ax.set_ylabel("KV cache, GiB (fp16, batch 1)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 

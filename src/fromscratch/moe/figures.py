@@ -14,18 +14,10 @@ from pathlib import Path
 
 import torch
 
+from fromscratch.engine.plot import pyplot, save_figure
 from fromscratch.moe.routing import MoEFeedForward, sort_by_expert, switch_load_balancing_loss
 
 EXPERT_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_dispatch_combine(path, n_tokens: int = 8, n_experts: int = 4, top_k: int = 2) -> Path:
@@ -33,7 +25,7 @@ def plot_dispatch_combine(path, n_tokens: int = 8, n_experts: int = 4, top_k: in
     token-slots in slot order (slot j·T + n is token n's j-th choice) and, joined by lines, in
     expert order after the stable sort: each expert's slots are one contiguous slice, one grouped
     product. Right: each token's output is the gate-weighted sum of its k slots."""
-    plt = _pyplot()
+    plt = pyplot()
     torch.manual_seed(3)
     layer = MoEFeedForward(16, n_experts, top_k, 8)
     with torch.no_grad():
@@ -83,8 +75,7 @@ def plot_dispatch_combine(path, n_tokens: int = 8, n_experts: int = 4, top_k: in
     for side in ("top", "right", "bottom", "left"):
         ax_combine.spines[side].set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return Path(path)
 
 
@@ -112,7 +103,7 @@ def candidate_losses(shift: torch.Tensor, n_tokens: int = 256, spread: float = 0
 
 def plot_load_balancing(path) -> Path:
     """The three candidate losses against the router's drift towards expert 0, and their gradients."""
-    plt = _pyplot()
+    plt = pyplot()
     shift = torch.linspace(-1.5, 1.5, 301)
     losses = candidate_losses(shift)
     fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(12, 4.3))
@@ -128,8 +119,7 @@ def plot_load_balancing(path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return Path(path)
 
 
@@ -151,7 +141,7 @@ def dropped_fraction(capacity_factor: float, skew: float, n_tokens: int = 4096, 
 
 def plot_capacity(path) -> Path:
     """Dropped fraction against the capacity factor, for a balanced and two skewed routers."""
-    plt = _pyplot()
+    plt = pyplot()
     factors = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for skew, label in ((0.0, "random router (near balance)"), (1.0, "skewed router (+1 logit, ramp)"),
@@ -162,8 +152,7 @@ def plot_capacity(path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return Path(path)
 
 

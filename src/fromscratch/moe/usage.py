@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fromscratch.engine.plot import pyplot, save_figure
 from fromscratch.moe.model import MoELlama
 
 
@@ -76,11 +77,7 @@ def plot_expert_usage(usage: ExpertUsage, token_text, path, title: str = "", n_t
     """A heatmap of `usage.shares` (rows: sparse blocks, columns: experts), each cell annotated
     with its share and the `n_tokens` tokens that expert receives most often (`token_text(id)`
     gives a token's text). Needs matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shares = usage.shares.numpy()
     n_rows, n_experts = shares.shape
     fig, ax = plt.subplots(figsize=(1.5 + 1.45 * n_experts, 1.2 + 1.05 * n_rows))
@@ -97,8 +94,4 @@ def plot_expert_usage(usage: ExpertUsage, token_text, path, title: str = "", n_t
                  fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03, label="share of the block's token-slots")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -16,26 +16,16 @@ from pathlib import Path
 
 import torch
 
+from fromscratch.engine.plot import pyplot, save_figure
 from fromscratch.errors import UserError
 from fromscratch.transformer.decoding import shifted_right
 from fromscratch.transformer.model import Transformer, sinusoidal_positions
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise UserError("figures need matplotlib: pip install 'fromscratch[plot]'") from error
-    return plt
-
-
 def plot_positional_encoding(path, n_positions: int = 128, d_model: int = 512) -> Path:
     """Heatmap of PE(pos, ·), the sine dimensions 2i and the cosine dimensions 2i+1 side by side
     (interleaved, they would look like a barcode): fast sinusoids at small i, slow ones at large i."""
-    plt = _pyplot()
+    plt = pyplot()
     pe = sinusoidal_positions(n_positions, d_model).numpy()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, values, name in zip(axes, (pe[:, 0::2], pe[:, 1::2]), ("PE(pos, 2i) = sin", "PE(pos, 2i+1) = cos")):
@@ -45,7 +35,7 @@ def plot_positional_encoding(path, n_positions: int = 128, d_model: int = 512) -
     axes[0].set_ylabel("position pos")
     fig.suptitle(f"Sinusoidal positional encoding (§3.5), d_model = {d_model}")
     fig.colorbar(image, ax=axes, fraction=0.04)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def _token_strings(model: Transformer, tokenizer, ids: list[int]) -> list[str]:
@@ -81,7 +71,7 @@ def plot_cross_attention(model: Transformer, tokenizer, source, path, layer: int
     (x₁ … xₙ </s>, as the translation data is built). layer: which decoder layer; head: one
     head, or None for the mean over heads. tokenizer: anything with `encode(text) -> ids` and
     `decode(ids)` or `id_to_token(id)`."""
-    plt = _pyplot()
+    plt = pyplot()
     if isinstance(source, str):
         encoded = tokenizer.encode(source)
         source = [*getattr(encoded, "ids", encoded), model.config.eos_id]  # .ids: a `tokenizers.Encoding`
@@ -101,15 +91,7 @@ def plot_cross_attention(model: Transformer, tokenizer, source, path, layer: int
     which = "mean of heads" if head is None else f"head {head}"
     ax.set_title(f"Cross-attention, layer {layer % len(model.decoder_layers)}, {which}", fontsize=10)
     fig.tight_layout()
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # A held-out pair of the demo corpus (`demo:test`), never seen in training: its reference is

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fromscratch.errors import UserError
-from fromscratch.transformer.figures import _pyplot, _save
+from fromscratch.engine.plot import pyplot, save_figure
 from fromscratch.vlm.decoding import cross_attention_maps
 
 
@@ -34,7 +34,7 @@ def plot_patch_grid(image: torch.Tensor, patch_size: int, path) -> Path:
     beside the sequence of flattened patches it becomes (one row of C·P·P values each)."""
     from fromscratch.vlm.vit import patchify
 
-    plt = _pyplot()
+    plt = pyplot()
     c, h, w = image.shape
     rows, cols = h // patch_size, w // patch_size
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1, 1.5]})
@@ -54,14 +54,14 @@ def plot_patch_grid(image: torch.Tensor, patch_size: int, path) -> Path:
     right.set_ylabel("patch index: the sequence position")
     right.set_title("the sequence x_p the linear map E embeds (eq. 1)", fontsize=10)
     fig.tight_layout()
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention_maps(model, images: torch.Tensor, path, beam_size: int = 1, max_words: int = 12) -> Path:
     """Caption uint8 images (B, C, H, W) and draw, for every generated word, the decoder's
     cross-attention over the patches (mean over the heads of every multimodal layer), upsampled
     and laid over the image: one row per image."""
-    plt = _pyplot()
+    plt = pyplot()
     from fromscratch.vlm import decoding
 
     c = model.config
@@ -87,13 +87,13 @@ def plot_attention_maps(model, images: torch.Tensor, path, beam_size: int = 1, m
         axes[b, 0].axis("off")
     fig.suptitle("Where the decoder looks as it writes each word (cross-attention over the patches)", fontsize=10)
     fig.tight_layout()
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_similarity_matrix(model, images: torch.Tensor, captions: list[str], path) -> Path:
     """cos(caption i, image j) in the joint space, for images and their own captions (the
     diagonal holds the matching pairs): the images along the top, the captions down the side."""
-    plt = _pyplot()
+    plt = pyplot()
     similarity = (model.embed_texts(captions) @ model.embed_images(images).t()).cpu().numpy()  # (captions, images)
     n = len(images)
     fig = plt.figure(figsize=(4.5 + 0.75 * n, 1.2 + 0.75 * (n + 1)))
@@ -109,7 +109,7 @@ def plot_similarity_matrix(model, images: torch.Tensor, captions: list[str], pat
     fig.colorbar(shown, cax=fig.add_subplot(grid[1, n]))
     fig.suptitle("cosine similarity of captions (rows) and images (columns) in the joint space", fontsize=10)
     fig.subplots_adjust(left=0.42, right=0.95, top=0.9, bottom=0.08)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
