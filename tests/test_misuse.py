@@ -30,16 +30,19 @@ from fromscratch.transformer.data import load_corpora
 from fromscratch.transformer.training import paper_train_config
 
 
-def cli(*argv, stdin: bytes | None = None) -> tuple[int, str, str]:
-    """`fromscratch ARGV` in this process: (exit status, stdout, stderr)."""
+def cli(*argv, stdin: bytes | Path | None = None) -> tuple[int, str, str]:
+    """`fromscratch ARGV` in this process: (exit status, stdout, stderr). stdin: bytes as from a
+    pipe, or a file to read as `< FILE`."""
     out, err = io.StringIO(), io.StringIO()
     real_stdin = sys.stdin
     if stdin is not None:
-        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+        sys.stdin = open(stdin, encoding="utf-8") if isinstance(stdin, Path) else io.TextIOWrapper(io.BytesIO(stdin))
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main([str(a) for a in argv])
     finally:
+        if stdin is not None:
+            sys.stdin.close()
         sys.stdin = real_stdin
     return code, out.getvalue(), err.getvalue()
 
@@ -252,6 +255,29 @@ def test_non_utf8_arguments_and_stdin_are_refused(llama_run, translate_run):
     code, out, err = cli("translate", "run", "--checkpoint", translate_run, stdin=b"Hello.\ncaf\xe9\n")
     assert_one_line_error((code, "", err.splitlines()[-1] + "\n"), "standard input, line 2: not UTF-8")
     assert len(out.splitlines()) == 1  # the first line was translated before the bad one was read
+
+
+def test_a_file_on_standard_input_is_translated_in_batches_as_line_by_line(translate_run, tmp_path):
+    """`translate run < FILE` decodes many lines at a time (here 2 sources in beam search's batch):
+    the translations, in order, are those of the same lines from a pipe, one at a time; an empty
+    line stays empty; a line longer than the context is named by its number; and a line that is not
+    UTF-8 ends the run with a one-line error once the lines before it are printed."""
+    long = " ".join(["I will read a book tomorrow.", "My mother is a teacher.", "The coffee is hot."] * 4)
+    lines = ["Good morning.", "", "She is reading a book.", "I eat rice.", long, "Thank you."]
+    text = "".join(line + "\n" for line in lines).encode()
+    run = ("translate", "run", "--checkpoint", translate_run, "--beam", "2")
+    code, one_at_a_time, err = cli(*run, stdin=text)
+    assert code == 0 and "standard input, line 5: the input is" in err, err
+    (tmp_path / "in.en").write_bytes(text)
+    code, batched, err = cli(*run, "--batch-size", "2", stdin=tmp_path / "in.en")
+    assert code == 0, err
+    assert batched == one_at_a_time and len(batched.splitlines()) == 6 and batched.splitlines()[1] == ""
+    assert "note: standard input, line 5 is" in err and "more than the model's context" in err, err
+    (tmp_path / "bad.en").write_bytes(b"Good morning.\n\nI eat rice.\ncaf\xe9\nThank you.\n")
+    code, out, err = cli(*run, stdin=tmp_path / "bad.en")
+    assert_one_line_error((code, "", err.splitlines()[-1] + "\n"), "standard input, line 4: not UTF-8")
+    assert out.splitlines() == [one_at_a_time.splitlines()[0], "", one_at_a_time.splitlines()[3]]
+    assert_one_line_error(cli(*run, "--batch-size", "0", "Hi."), "batch size must be at least 1")
 
 
 def test_translation_longer_than_the_context_is_translated_in_pieces_and_says_so(translate_run):

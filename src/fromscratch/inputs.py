@@ -5,6 +5,8 @@ On Linux, Python turns bytes of an argument that are not UTF-8 into "surrogate e
 and refused with a message naming the argument (or the line of standard input) and the byte.
 """
 
+import os
+import stat
 import sys
 from collections.abc import Iterator
 
@@ -28,3 +30,12 @@ def stdin_lines() -> Iterator[str]:
             yield raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
             raise UserError(f"standard input, line {number}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def stdin_is_a_file() -> bool:
+    """Whether standard input is a file (`< FILE`): all of it can be read at once, where a terminal
+    or a pipe gives its lines as they come."""
+    try:
+        return stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is both), or closed
+        return False

@@ -128,6 +128,12 @@ def test_rows_of_different_lengths_each_attend_to_their_own_positions():
     for row, source in enumerate((2, 0, 0)):
         n = cache.row_lengths[row]
         assert torch.equal(cache.keys[0][row, :, :n], before[source, :, :n])
+    # `length` stays the most any row holds when the longest rows start again or leave (a step
+    # checks the model's context against it, and attends over that many positions).
+    cache.restart_rows(torch.tensor([1, 2]))
+    assert cache.row_lengths.tolist() == [3, 0, 0] and cache.length == 3
+    cache.reorder(torch.tensor([1, 2]))
+    assert cache.row_lengths.tolist() == [0, 0] and cache.length == 0
     with pytest.raises(ValueError, match="one position at a time"):
         cache.update(0, torch.zeros(3, heads, 2, head_dim), torch.zeros(3, heads, 2, head_dim))
 

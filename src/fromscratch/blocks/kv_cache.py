@@ -121,6 +121,12 @@ class KVCache:
             return
         self.length += n_positions
 
+    def restart_rows(self, rows: torch.Tensor) -> None:
+        """Rows `rows` hold no position any more: a new prompt starts in them (rows of different
+        lengths only). `length` stays the most any row holds."""
+        self.row_lengths.index_fill_(0, rows, 0)
+        self.length = int(self.row_lengths.max())
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (B',), in that order: beam search moves each beam's cache along
         with it, and repeating a row makes several beams of one prompt."""
@@ -139,6 +145,7 @@ class KVCache:
             if not grows:  # only those the moved rows hold
                 held = int(self.row_lengths[sources].max()) if len(sources) else 0
             self.row_lengths = self.row_lengths[rows]
+            self.length = int(self.row_lengths.max()) if len(rows) else 0  # the longest row may have left
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None:
                 self.keys[layer] = moved(k, len(rows), targets, sources, held)

@@ -2,7 +2,7 @@
 
     fromscratch translate train --train PREFIX [PREFIX ...] --valid PREFIX --out DIR [--preset base] ...
     fromscratch translate eval  --checkpoint SPEC --test PREFIX [--beam 4]    (last line: BLEU x chrF y)
-    fromscratch translate run   --checkpoint SPEC [--beam 4] [TEXT ...]       (else standard input)
+    fromscratch translate run   --checkpoint SPEC [--beam 4] [TEXT ...]       (else standard input: < FILE in batches)
 
 SPEC is a `translate train` run, one checkpoint in it, a Hugging Face Marian (OPUS-MT)
 directory, or a hub name (`Helsinki-NLP/opus-mt-en-id`).
@@ -16,11 +16,18 @@ from pathlib import Path
 from fromscratch.blocks.search import check_ngram_size
 from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
-from fromscratch.inputs import checked_text, stdin_lines
+from fromscratch.inputs import checked_text, stdin_is_a_file, stdin_lines
 from fromscratch.transformer.config import ACTIVATIONS, TransformerConfig
 from fromscratch.transformer.data import load_corpora, parse_repeats
 from fromscratch.transformer.training import LABEL_SMOOTHING, RECIPES, SHAPE_FIELDS, paper_train_config, train
-from fromscratch.transformer.translation import evaluate_bleu, load_translator, run_length_penalty, translate
+from fromscratch.transformer.translation import (
+    POOLED_BATCHES,
+    check_batch_size,
+    evaluate_bleu,
+    load_translator,
+    run_length_penalty,
+    translate,
+)
 
 RECIPE_FLAGS = sorted({name for r in RECIPES.values() for name in r["engine"]})  # engine flags a recipe sets
 
@@ -115,11 +122,16 @@ def register(subparsers) -> None:
     eval_p.set_defaults(func=cmd_eval)
 
     run_p = verbs.add_parser("run", help="translate sentences",
-                             description="Translate the TEXT arguments, or standard input line by line. "
-                                         "A line longer than the model's context is translated in pieces "
-                                         "(split at sentence ends), with a note on standard error.")
+                             description="Translate the TEXT arguments, or standard input line by line: from "
+                                         "a terminal or a pipe each line as soon as it arrives, from a file "
+                                         "(< FILE) many lines at a time, in batches. A line longer than the "
+                                         "model's context is translated in pieces (split at sentence ends), "
+                                         "with a note on standard error.")
     run_p.add_argument("--checkpoint", required=True, metavar="SPEC", help=checkpoint_help)
     run_p.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4)")
+    run_p.add_argument("--batch-size", type=int, default=64,
+                       help="sentences decoded at a time, for TEXT arguments and standard input read from a "
+                            "file (default: 64)")
     run_p.add_argument("--device", default="auto")
     run_p.add_argument("--average", type=int, default=None, metavar="N",
                        help="the mean of the run's last N checkpoints (§6.1), not its best one")
@@ -164,6 +176,7 @@ def _note(message: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    check_batch_size(args.batch_size)
     decoding = _decoding(args)
     test = load_corpora([args.test], max_chars=None)
     model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
@@ -175,15 +188,52 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    check_batch_size(args.batch_size)
     decoding = _decoding(args)
     texts = [checked_text(text, f"argument {i}") for i, text in enumerate(args.text, start=1)]
     model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
     if texts:
-        for line in translate(model, tokenizer, texts, report=_note, **decoding):
+        for line in translate(model, tokenizer, texts, batch_size=args.batch_size, report=_note, **decoding):
             print(line, flush=True)
+        return
+    if stdin_is_a_file():
+        translate_stdin_file(model, tokenizer, args.batch_size, decoding)
         return
     # One line at a time, so a pipe gets each translation as soon as it is ready.
     for number, line in enumerate(stdin_lines(), start=1):
         text = line.strip()
         report = lambda message: _note(f"standard input, line {number}: {message}")  # noqa: E731
         print(translate(model, tokenizer, [text], report=report, **decoding)[0] if text else "", flush=True)
+
+
+def translate_stdin_file(model, tokenizer, batch_size: int, decoding: dict) -> None:
+    """Standard input that is a file: its lines translated `batch_size` × POOLED_BATCHES at a time
+    (beam search's full batch, `translate`), printed in order; an empty line stays empty. When a
+    line cannot be read (not UTF-8), the lines before it are translated and printed first."""
+    lines: list[str] = []  # the lines read and not yet translated
+    printed = 0  # lines printed so far
+
+    def translate_lines() -> None:
+        nonlocal lines, printed
+        numbers = [printed + i for i, text in enumerate(lines, start=1) if text]
+        report = lambda message: _note(f"standard input, {message}")  # noqa: E731
+        done = iter(translate(model, tokenizer, [text for text in lines if text], batch_size=batch_size,
+                              report=report, line_numbers=numbers, **decoding))
+        for text in lines:
+            print(next(done) if text else "")
+        sys.stdout.flush()
+        printed, lines = printed + len(lines), []
+
+    reading = stdin_lines()
+    while True:
+        try:
+            line = next(reading, None)
+        except UserError:
+            translate_lines()
+            raise
+        if line is None:
+            break
+        lines.append(line.strip())
+        if len(lines) == batch_size * POOLED_BATCHES:
+            translate_lines()
+    translate_lines()

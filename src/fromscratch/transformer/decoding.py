@@ -156,7 +156,7 @@ class SourcePool(TranslationNextToken):
             for (keys, values), held_keys, held_values in zip(keys_values, cross.keys, cross.values):
                 held_keys.narrow(2, 0, src_len).index_copy_(0, slots, keys)
                 held_values.narrow(2, 0, src_len).index_copy_(0, slots, values)
-        self.cache.self_attention.row_lengths.index_fill_(0, rows, 0)
+        self.cache.self_attention.restart_rows(rows)
 
 
 def padded(x: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:

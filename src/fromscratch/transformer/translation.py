@@ -100,14 +100,21 @@ def split_to_fit(text: str, ids: list[int], tokenizer, limit: int) -> list[list[
 
 
 @torch.no_grad()
-def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size: int = 64,
-              length_penalty: float = PAPER_LENGTH_PENALTY, report: Callable[[str], None] | None = None,
-              length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0) -> list[str]:
-    """Detokenised translations of `lines`, in order. Sentences are decoded in batches of similar
-    length; a line longer than the model's context is translated in pieces (module docstring),
-    and `report` (default: a logged warning) is told so."""
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch of fewer than one sentence, before any work."""
     if batch_size < 1:
         raise UserError(f"the batch size must be at least 1 sentence, got {batch_size}")
+
+
+def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size: int = 64,
+              length_penalty: float = PAPER_LENGTH_PENALTY, report: Callable[[str], None] | None = None,
+              length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0,
+              line_numbers: list[int] | None = None) -> list[str]:
+    """Detokenised translations of `lines`, in order. Sentences are decoded in batches of similar
+    length; a line longer than the model's context is translated in pieces (module docstring),
+    and `report` (default: a logged warning) is told so, naming the line by its number in
+    `line_numbers` (default: 1, 2, …)."""
+    check_batch_size(batch_size)
     if not lines:
         return []
     report = report or logger.warning
@@ -115,11 +122,11 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
     prefix = list(getattr(tokenizer, "source_prefix", ()))  # a source tag (`translate train --tag`), if any
     limit = model.config.max_seq_len - 1 - len(prefix)  # room for </s> and the tag
     pieces_of_line: list[list[list[int]]] = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in zip(line_numbers or range(1, len(lines) + 1), lines):
         ids = tokenizer.encode(line)
         pieces = [prefix + piece for piece in split_to_fit(line, ids, tokenizer, limit)]
         if len(pieces) > 1:
-            which = f"line {number}" if len(lines) > 1 else "the input"
+            which = f"line {number}" if len(lines) > 1 or line_numbers else "the input"
             report(f"{which} is {len(ids)} tokens long, more than the model's context of {limit}: "
                    f"translated in {len(pieces)} pieces")
         pieces_of_line.append(pieces)
