@@ -78,6 +78,7 @@ def test_eval_last_line_is_bleu_and_chrf(run_dir, data, tmp_path):
                          "--output", out_file, "--device", "cpu")
     assert re.fullmatch(r"BLEU \d+\.\d\d chrF \d+\.\d\d", result.stdout.splitlines()[-1])
     assert len(out_file.read_text(encoding="utf-8").splitlines()) == 30
+    assert re.search(r"^translated in \d+\.\d s \(\d+\.\d sentences/s\)$", result.stderr, re.M), result.stderr
     # 7 sentences at a time: beam search keeps 7 in its batch, the next taking each finished one's place.
     # (Each sentence then stops at its own length + 50 rather than its batch's longest + 50; the
     # translations themselves are tested in test_transformer_fast.py.)

@@ -11,6 +11,7 @@ directory, or a hub name (`Helsinki-NLP/opus-mt-en-id`).
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from fromscratch.blocks.search import check_ngram_size
@@ -181,7 +182,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     test = load_corpora([args.test], max_chars=None)
     model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
     print(f"{len(test)} pairs from {args.test}, beam {args.beam}", file=sys.stderr)
+    start = time.perf_counter()
     scores = evaluate_bleu(model, tokenizer, test.src, test.tgt, batch_size=args.batch_size, **decoding)
+    seconds = time.perf_counter() - start
+    print(f"translated in {seconds:.1f} s ({len(test) / seconds:.1f} sentences/s)", file=sys.stderr)
     if args.output:
         Path(args.output).write_text("".join(h + "\n" for h in scores["hypotheses"]), encoding="utf-8")
     print(f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f}")
