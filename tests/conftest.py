@@ -33,3 +33,21 @@ def shared_data() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shared_data, tmp_path_factory) -> Path:
+    """The first 60 kB of TinyShakespeare (about 32k tokens with a 512-piece BPE): the Llama and
+    MoE training tests' text."""
+    path = tmp_path_factory.mktemp("text") / "shakespeare.txt"
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    path.write_text(text[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_tokenizer(shakespeare, tmp_path_factory) -> Path:
+    """A 512-piece SentencePiece BPE trained on `shakespeare` (`llama.tokenizer.train_tokenizer`)."""
+    from fromscratch.llama.tokenizer import train_tokenizer
+
+    return train_tokenizer([shakespeare], 512, tmp_path_factory.mktemp("tokenizer") / "shakespeare")

@@ -24,9 +24,9 @@ from fromscratch.errors import UserError
 from fromscratch.llama.checkpoints import export_llama2c
 from fromscratch.llama.data import prepare_token_files, texts_from_dataset
 from fromscratch.llama.model import Llama
-from fromscratch.llama.tokenizer import Tokenizer, train_tokenizer
+from fromscratch.llama.tokenizer import Tokenizer
 
-VOCAB = 512
+VOCAB = 512  # the pieces of `shakespeare_tokenizer` (conftest.py)
 # A tiny model that learns in seconds on one CPU thread.
 SMALL = ["--preset", "tiny", "--seq-len", "64", "--warmup-steps", "10", "--lr", "3e-3", "--device", "cpu"]
 
@@ -68,20 +68,6 @@ def snapshot(directory: Path) -> dict:
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shakespeare(shared_data, tmp_path_factory) -> Path:
-    """The first 60 kB of TinyShakespeare (about 32k tokens with a 512-piece BPE)."""
-    path = tmp_path_factory.mktemp("text") / "shakespeare.txt"
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    path.write_text(text[:60_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(shakespeare, tmp_path_factory) -> Path:
-    return train_tokenizer([shakespeare], VOCAB, tmp_path_factory.mktemp("tokenizer") / "shakespeare")
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +131,12 @@ def test_train_help_lists_the_flags():
 
 
 @pytest.mark.slow  # ~18 s: three processes start, two of them side by side
-def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(shakespeare, tokenizer_file, tmp_path):
+def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(shakespeare, shakespeare_tokenizer, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
     def command(out: Path, *extra) -> list[str]:
         return [sys.executable, "-m", "fromscratch", "llama", "train", "--data", str(shakespeare),
-                "--tokenizer", str(tokenizer_file), "--out", str(out), *SMALL, "--batch-size", "8",
+                "--tokenizer", str(shakespeare_tokenizer), "--out", str(out), *SMALL, "--batch-size", "8",
                 "--max-steps", "60", "--save-every", "10", "--eval-every", "30", "--seed", "5", *extra]
 
     # The uninterrupted run goes on beside the one that is killed (two cores, half the wall time).
@@ -352,29 +338,30 @@ def test_train_on_a_hub_dataset(shared_data, tmp_path, monkeypatch):
     assert code == 2 and "no column 'text'" in err
 
 
-def test_token_files_are_written_once_and_memory_mapped(shakespeare, tokenizer_file, tmp_path):
-    tokenizer = Tokenizer(tokenizer_file)
-    train, val = prepare_token_files([str(shakespeare)], tokenizer, tokenizer_file, tmp_path / "data")
+def test_token_files_are_written_once_and_memory_mapped(shakespeare, shakespeare_tokenizer, tmp_path):
+    tokenizer = Tokenizer(shakespeare_tokenizer)
+    train, val = prepare_token_files([str(shakespeare)], tokenizer, shakespeare_tokenizer, tmp_path / "data")
     assert isinstance(train, np.memmap) and train.dtype == np.uint16  # 512 pieces fit in 16 bits
     assert len(val) > 0 and len(train) > 10 * len(val)
     paragraphs = [p.strip("\n") for p in shakespeare.read_text().split("\n\n") if p.strip()]
     stream = [i for p in paragraphs for i in tokenizer.encode(p, bos=True)]
     assert np.array_equal(np.concatenate([train, val]), stream)  # BOS + paragraph, in file order
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data").iterdir()}
-    train2, val2 = prepare_token_files([str(shakespeare)], tokenizer, tokenizer_file, tmp_path / "data")
+    train2, val2 = prepare_token_files([str(shakespeare)], tokenizer, shakespeare_tokenizer, tmp_path / "data")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data").iterdir()} == mtimes  # reused
     assert np.array_equal(train, train2) and np.array_equal(val, val2)
 
 
-def test_text_that_is_not_utf8_or_empty_is_named(tokenizer_file, tmp_path):
+def test_text_that_is_not_utf8_or_empty_is_named(shakespeare_tokenizer, tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Caf\u00e9 cr\u00e8me\n\nna\u00efve".encode("latin-1"))
-    tokenizer = Tokenizer(tokenizer_file)
+    tokenizer = Tokenizer(shakespeare_tokenizer)
     with pytest.raises(UserError, match=r"latin1\.txt: not UTF-8 text \(byte 3"):
-        prepare_token_files([str(latin1)], tokenizer, tokenizer_file, tmp_path / "data")
-    code, _, err, _ = cli("llama", "train", "--data", latin1, "--out", tmp_path / "run", "--tokenizer", tokenizer_file)
+        prepare_token_files([str(latin1)], tokenizer, shakespeare_tokenizer, tmp_path / "data")
+    code, _, err, _ = cli("llama", "train", "--data", latin1, "--out", tmp_path / "run",
+                          "--tokenizer", shakespeare_tokenizer)
     assert code == 2 and "latin1.txt: not UTF-8 text" in err and not (tmp_path / "run").exists()
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n\n")
     with pytest.raises(UserError, match="empty.txt: holds no text"):
-        prepare_token_files([str(empty)], tokenizer, tokenizer_file, tmp_path / "data")
+        prepare_token_files([str(empty)], tokenizer, shakespeare_tokenizer, tmp_path / "data")

@@ -23,11 +23,11 @@ from fromscratch.cli import main
 from fromscratch.engine.checkpoint import checkpoint_dir, load_model_weights
 from fromscratch.engine.metrics import read_csv
 from fromscratch.llama.model import Llama
-from fromscratch.llama.tokenizer import Tokenizer, train_tokenizer
+from fromscratch.llama.tokenizer import Tokenizer
 from fromscratch.moe import MoEConfig, MoELlama, train
 from fromscratch.moe.training import MoELanguageModelTask
 
-VOCAB = 512
+VOCAB = 512  # the pieces of `shakespeare_tokenizer` (conftest.py)
 SMALL = ["--preset", "tiny", "--seq-len", "64", "--warmup-steps", "10", "--lr", "3e-3", "--device", "cpu"]
 
 
@@ -39,18 +39,6 @@ def cli(*argv) -> tuple[int, str, str]:
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def shakespeare(shared_data, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "shakespeare.txt"
-    path.write_text((shared_data / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(shakespeare, tmp_path_factory) -> Path:
-    return train_tokenizer([shakespeare], VOCAB, tmp_path_factory.mktemp("tokenizer") / "shakespeare")
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +164,12 @@ def test_inspect_draws_the_expert_shares_and_lists_their_tokens(trained_run, sha
 
 
 @pytest.mark.slow  # ~30 s: three processes, two side by side
-def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(shakespeare, tokenizer_file, tmp_path):
+def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(shakespeare, shakespeare_tokenizer, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
     def command(out: Path, *extra) -> list[str]:
         return [sys.executable, "-m", "fromscratch", "moe", "train", "--data", str(shakespeare),
-                "--tokenizer", str(tokenizer_file), "--out", str(out), *SMALL, "--balance", "bias",
+                "--tokenizer", str(shakespeare_tokenizer), "--out", str(out), *SMALL, "--balance", "bias",
                 "--batch-size", "8", "--max-steps", "60", "--save-every", "10", "--eval-every", "30",
                 "--seed", "5", *extra]
 
@@ -225,13 +213,14 @@ def _worker(rank, port, data, tokenizer, out, balance):
 
 @pytest.mark.slow  # ~25 s each: a run, then two processes started
 @pytest.mark.parametrize("balance, grad_accum", [("bias", 1), ("aux", 2)])
-def test_two_processes_equal_one_also_with_idle_experts(shakespeare, tokenizer_file, tmp_path, balance, grad_accum):
+def test_two_processes_equal_one_also_with_idle_experts(shakespeare, shakespeare_tokenizer, tmp_path, balance,
+                                                         grad_accum):
     """Balance "bias" (the cross-entropy and z-loss add up over processes; the bias update sums the
     counts over them) against one process on the whole batch; balance "aux", whose load-balancing
     loss is each micro-batch's own, against one process accumulating the same two micro-batches."""
     assert ROUTING["batch_size"] // 2 * ROUTING["seq_len"] * ROUTING["top_k"] < ROUTING["n_experts"]
-    _run(shakespeare, tokenizer_file, tmp_path / "one", balance, grad_accum)
-    mp.spawn(_worker, args=(_free_port(), str(shakespeare), str(tokenizer_file), str(tmp_path / "two"), balance),
+    _run(shakespeare, shakespeare_tokenizer, tmp_path / "one", balance, grad_accum)
+    mp.spawn(_worker, args=(_free_port(), str(shakespeare), str(shakespeare_tokenizer), str(tmp_path / "two"), balance),
              nprocs=2, join=True)
     one, two = (load_model_weights(checkpoint_dir(tmp_path / run, "latest") / "model.safetensors")
                 for run in ("one", "two"))
