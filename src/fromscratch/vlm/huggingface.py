@@ -126,16 +126,28 @@ def _activation(hf: dict, source: str) -> str:
 # --- ViT ------------------------------------------------------------------------------------------
 
 
+def encoder_shape(hf: dict, source: str, prefix: str, d_model: int, n_layers: int, n_heads: int,
+                  d_ff: int) -> dict:
+    """A Hugging Face encoder's shape (hidden_size, num_hidden_layers, num_attention_heads,
+    intermediate_size) as our `{prefix}d_model`, `{prefix}n_layers`, … with Hugging Face's defaults given."""
+    return {f"{prefix}d_model": json_field(hf, "hidden_size", int, source, d_model),
+            f"{prefix}n_layers": json_field(hf, "num_hidden_layers", int, source, n_layers),
+            f"{prefix}n_heads": json_field(hf, "num_attention_heads", int, source, n_heads),
+            f"{prefix}d_ff": json_field(hf, "intermediate_size", int, source, d_ff)}
+
+
+def image_fields(hf: dict, source: str, patch_size: int) -> dict:
+    """A Hugging Face vision config's image_size, patch_size (default given) and num_channels."""
+    return dict(image_size=json_field(hf, "image_size", int, source, 224),
+                patch_size=json_field(hf, "patch_size", int, source, patch_size),
+                n_channels=json_field(hf, "num_channels", int, source, 3))
+
+
 def vit_config_from_hf(hf: dict, source: str) -> ViTConfig:
     """Our ViTConfig of a Hugging Face ViT config.json, each key checked under its own name."""
     values = dict(
-        image_size=json_field(hf, "image_size", int, source, 224),
-        patch_size=json_field(hf, "patch_size", int, source, 16),
-        n_channels=json_field(hf, "num_channels", int, source, 3),
-        d_model=json_field(hf, "hidden_size", int, source, 768),
-        n_layers=json_field(hf, "num_hidden_layers", int, source, 12),
-        n_heads=json_field(hf, "num_attention_heads", int, source, 12),
-        d_ff=json_field(hf, "intermediate_size", int, source, 3072),
+        **image_fields(hf, source, patch_size=16),
+        **encoder_shape(hf, source, "", d_model=768, n_layers=12, n_heads=12, d_ff=3072),
         dropout=json_field(hf, "hidden_dropout_prob", float, source, 0.0),
         norm_eps=json_field(hf, "layer_norm_eps", float, source, 1e-12),
         activation=_activation(hf, source),
@@ -197,19 +209,11 @@ def clip_config_from_hf(hf: dict, source: str):
     values = dict(
         embed_dim=json_field(hf, "projection_dim", int, source, 512),
         logit_scale_init=json_field(hf, "logit_scale_init_value", float, source, 2.6592),
-        image_size=json_field(vision, "image_size", int, vision_source, 224),
-        patch_size=json_field(vision, "patch_size", int, vision_source, 32),
-        n_channels=json_field(vision, "num_channels", int, vision_source, 3),
-        vision_d_model=json_field(vision, "hidden_size", int, vision_source, 768),
-        vision_n_layers=json_field(vision, "num_hidden_layers", int, vision_source, 12),
-        vision_n_heads=json_field(vision, "num_attention_heads", int, vision_source, 12),
-        vision_d_ff=json_field(vision, "intermediate_size", int, vision_source, 3072),
+        **image_fields(vision, vision_source, patch_size=32),
+        **encoder_shape(vision, vision_source, "vision_", d_model=768, n_layers=12, n_heads=12, d_ff=3072),
         vocab_size=json_field(text, "vocab_size", int, text_source, 49408),
         max_text_len=json_field(text, "max_position_embeddings", int, text_source, 77),
-        text_d_model=json_field(text, "hidden_size", int, text_source, 512),
-        text_n_layers=json_field(text, "num_hidden_layers", int, text_source, 12),
-        text_n_heads=json_field(text, "num_attention_heads", int, text_source, 8),
-        text_d_ff=json_field(text, "intermediate_size", int, text_source, 2048),
+        **encoder_shape(text, text_source, "text_", d_model=512, n_layers=12, n_heads=8, d_ff=2048),
         eos_id=json_field(text, "eos_token_id", int, text_source, 49407),
         activation=acts.pop(),
         norm_eps=eps.pop(),
