@@ -208,7 +208,7 @@ def test_parser_wiring_and_the_recipes_of_each_device():
     assert (args.max_steps, args.clip_grad) == (100_000, 1.0)
     assert (args.d_model, args.n_heads, args.n_encoder_layers, args.n_decoder_layers, args.d_ff) == (None,) * 5
     assert args.cooldown is None and RECIPES["cpu"]["engine"]["cooldown"] == 0.2  # the last fifth, on the clock
-    assert args.weight_decay is None and RECIPES["cpu"]["engine"]["weight_decay"] == 0.1  # AdamW's, on matrices
+    assert args.weight_decay is None and RECIPES["cpu"]["engine"]["weight_decay"] == 0.2  # AdamW's, on matrices
     assert "weight_decay" not in RECIPES["gpu"]["engine"] and paper_train_config().weight_decay == 0.0  # §5.3's Adam
     args = parser.parse_args(["translate", "train", "--train", "a", "--valid", "c", "--out", "o",
                               "--d-model", "192", "--n-decoder-layers", "2", "--d-ff", "768"])

@@ -100,6 +100,9 @@ def register(subparsers) -> None:
             action.help = "multiplier on the noam schedule of §5.3 (default: the recipe's; 1.0 is the paper)"
         elif action.dest == "warmup_steps":
             action.help = "noam warm-up steps (default: the recipe's; 4000 in §5.3)"
+        elif action.dest == "weight_decay":
+            action.help = ("AdamW's decoupled weight decay λ, on the weight matrices only (default: the recipe's: "
+                           f"{RECIPES['cpu']['engine']['weight_decay']} on a CPU, 0 on a GPU, §5.3's Adam)")
         elif action.dest == "cooldown":
             action.help = action.help.replace("; 0 = off", "; 0 = off (default: the recipe's: "
                                               f"{RECIPES['cpu']['engine']['cooldown']} on a CPU, 0 on a GPU)")
