@@ -311,7 +311,7 @@ SHAPE_FIELDS = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d
 # weight decay on the matrices (`weight_decay`; Loshchilov & Hutter 2019): 0.1 lowered the
 # validation loss by ~0.12 at equal steps from step 3,000 on and raised every score by ~3 BLEU;
 # 0.2 lowered it by another ~0.07 at the end and raised the mean of two seeds on every line
-# (BLEU +0.07 to +0.39, chrF +0.57 to +0.67) (README, "Weight decay").
+# (BLEU +0.07 to +0.39, chrF +0.57 to +0.67); 0.3 trailed 0.2 in a screen (README, "Weight decay").
 RECIPES = {
     "gpu": dict(model=dict(preset="base", vocab_size=8000, batch_tokens=25_000, max_tokens=256, norm_first=False,
                            dropout=None),
