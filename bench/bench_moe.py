@@ -24,7 +24,7 @@ grows with the parameter count, which part 4 multiplies by ~3).
 
 Our model runs with its opt-in fast paths (`fromscratch.moe.accelerate`), as `moe train` and
 `moe generate` run it. Each timing is the best of several interleaved repeats (the machine may be
-shared); the median is kept too. Timing helpers are bench_llama's.
+shared); the median is kept too. Timing helpers are bench/harness.py's.
 """
 
 import argparse

@@ -86,8 +86,8 @@ PACK_MAX_BYTES = 2**30  # models with more parameter bytes decode through their 
 
 def fits_a_packed_copy(model: nn.Module) -> bool:
     """Whether a packed copy of `model`'s weights applies and is affordable: every parameter on
-    a CPU (the packed products are a CPU device), and at most PACK_MAX_BYTES of them (the copy
-    doubles them)."""
+    a CPU (the packed products are for CPU decoding), and at most PACK_MAX_BYTES of them (the copy
+    doubles their memory)."""
     parameters = list(model.parameters())
     return (all(p.device.type == "cpu" for p in parameters)
             and sum(p.numel() * p.element_size() for p in parameters) <= PACK_MAX_BYTES)

@@ -99,13 +99,13 @@ def split_to_fit(text: str, ids: list[int], tokenizer, limit: int) -> list[list[
     return pieces
 
 
-@torch.no_grad()
 def check_batch_size(batch_size: int) -> None:
     """Refuse a batch of fewer than one sentence, before any work."""
     if batch_size < 1:
         raise UserError(f"the batch size must be at least 1 sentence, got {batch_size}")
 
 
+@torch.no_grad()
 def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size: int = 64,
               length_penalty: float = PAPER_LENGTH_PENALTY, report: Callable[[str], None] | None = None,
               length_penalty_style: str = "gnmt", no_repeat_ngram_size: int = 0,
