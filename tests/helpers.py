@@ -100,3 +100,21 @@ def repeats_an_ngram(row: list[int], n: int, start: int = 0) -> bool:
     already holds before it (the prompt, from position 0, may repeat itself)."""
     ngrams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]  # ngrams[i] ends at token i + n − 1
     return any(ngrams[i] in ngrams[:i] for i in range(max(start - n + 1, 0), len(ngrams)))
+
+
+def hf_llama_weights_to_ours(state: dict, n_heads: int, n_kv_heads: int) -> dict:
+    """A Hugging Face Llama-family state dict → ours (Meta's names): q/k rows from HF's half-split
+    RoPE order back to Meta's pairs, and the output layer tied to the embedding where HF omits it.
+    Written here, in the tests, so that parity tests do not depend on the loaders they check."""
+    from fromscratch.llama.checkpoints import hf_key_to_meta, hf_to_meta_permute
+
+    ours = {}
+    for key, tensor in state.items():
+        name = hf_key_to_meta(key)
+        if name.endswith("attention.wq.weight"):
+            tensor = hf_to_meta_permute(tensor, n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = hf_to_meta_permute(tensor, n_kv_heads)
+        ours[name] = tensor
+    ours.setdefault("output.weight", ours["tok_embeddings.weight"])  # tied: HF may omit lm_head
+    return ours

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import repeats_an_ngram
+from helpers import hf_llama_weights_to_ours, repeats_an_ngram
 
 from fromscratch.errors import UserError
-from fromscratch.llama.checkpoints import hf_key_to_meta, hf_to_meta_permute
 from fromscratch.llama.config import LlamaConfig
 from fromscratch.llama.fast import accelerate
 from fromscratch.llama.model import Llama, RMSNorm, apply_rope, precompute_rope_rotations
@@ -31,20 +30,6 @@ def hf_config(config: LlamaConfig):
     )
 
 
-def hf_state_dict_to_ours(sd: dict, config: LlamaConfig) -> dict:
-    """HF names → Meta's, and q/k rows from HF's half-split RoPE order back to Meta's pairs."""
-    ours = {}
-    for key, tensor in sd.items():
-        name = hf_key_to_meta(key)
-        if name.endswith("attention.wq.weight"):
-            tensor = hf_to_meta_permute(tensor, config.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = hf_to_meta_permute(tensor, config.kv_heads)
-        ours[name] = tensor
-    ours.setdefault("output.weight", ours["tok_embeddings.weight"])  # tied: HF may omit lm_head
-    return ours
-
-
 def hf_and_ours(config: LlamaConfig):
     """A randomly initialised HF model and ours holding the same weights."""
     hf = transformers.LlamaForCausalLM(hf_config(config)).eval()
@@ -52,7 +37,7 @@ def hf_and_ours(config: LlamaConfig):
         for p in hf.parameters():  # non-trivial norms too (HF initialises them to 1)
             p.normal_(0.0, 0.1)
     ours = Llama(config).eval()
-    ours.load_state_dict(hf_state_dict_to_ours(hf.state_dict(), config), strict=True)
+    ours.load_state_dict(hf_llama_weights_to_ours(hf.state_dict(), config.n_heads, config.kv_heads), strict=True)
     return hf, ours
 
 

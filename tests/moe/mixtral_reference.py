@@ -7,8 +7,8 @@ parity tests do not depend on the loader they are also used to check.
 
 import torch
 import transformers
+from helpers import hf_llama_weights_to_ours
 
-from fromscratch.llama.checkpoints import hf_key_to_meta, hf_to_meta_permute
 from fromscratch.moe import MoEConfig, MoELlama
 
 
@@ -36,7 +36,8 @@ def randomize_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
 
 
 def hf_state_dict_to_ours(hf_model, config: MoEConfig) -> dict[str, torch.Tensor]:
-    ours = {}
+    """The experts and routers renamed here; the rest is a Llama's (`helpers.hf_llama_weights_to_ours`)."""
+    ours, rest = {}, {}
     for key, tensor in hf_model.state_dict().items():
         layer = key.split(".")[2] if key.startswith("model.layers.") else None
         if key.endswith("mlp.gate.weight"):
@@ -48,14 +49,8 @@ def hf_state_dict_to_ours(hf_model, config: MoEConfig) -> dict[str, torch.Tensor
         elif key.endswith("mlp.experts.down_proj"):
             ours[f"layers.{layer}.feed_forward.experts.w2"] = tensor
         else:
-            name = hf_key_to_meta(key)
-            if name.endswith("attention.wq.weight"):
-                tensor = hf_to_meta_permute(tensor, config.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                tensor = hf_to_meta_permute(tensor, config.kv_heads)
-            ours[name] = tensor
-    ours.setdefault("output.weight", ours["tok_embeddings.weight"])  # tied: HF may omit lm_head
-    return ours
+            rest[key] = tensor
+    return {**ours, **hf_llama_weights_to_ours(rest, config.n_heads, config.kv_heads)}
 
 
 def hf_and_ours(config: MoEConfig, seed: int = 0):
