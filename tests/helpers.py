@@ -105,7 +105,8 @@ def repeats_an_ngram(row: list[int], n: int, start: int = 0) -> bool:
 def hf_llama_weights_to_ours(state: dict, n_heads: int, n_kv_heads: int) -> dict:
     """A Hugging Face Llama-family state dict → ours (Meta's names): q/k rows from HF's half-split
     RoPE order back to Meta's pairs, and the output layer tied to the embedding where HF omits it.
-    Written here, in the tests, so that parity tests do not depend on the loaders they check."""
+    The loop is the tests' own; it takes only the loader's key renaming and q/k permutation,
+    which test_llama_checkpoints checks on their own."""
     from fromscratch.llama.checkpoints import hf_key_to_meta, hf_to_meta_permute
 
     ours = {}
