@@ -7,7 +7,9 @@
    Ratio = ours / theirs, images/s.
 2. CLIP encoding (ViT-B/32 shapes, random weights): the image tower on a batch of 224×224 images
    and the text tower on a batch of 77-token texts, `CLIP.embed_images` + `embed_texts` against
-   `CLIPModel.get_image_features` + `get_text_features`, same weights, no gradients.
+   `CLIPModel.get_image_features` + `get_text_features`, same weights, no gradients. Then again
+   with texts of 8 to 24 tokens (a prompt, a caption) padded with zeros to 77, as OpenAI's
+   `clip.tokenize` pads them: ours stop each text's tower after the batch's last end of text.
 3. Captioning: greedy decoding of exactly 32 words (EOS ignored) by the `small` VLM, with the KV
    cache (the image's keys and values projected once) against recomputing the whole prefix at
    every step. Ratio = cached / uncached.
@@ -77,7 +79,11 @@ def bench_vit_training(hf_config: dict, batch_size: int, rounds: int) -> dict:
     }
 
 
-def bench_clip_encoding(text_config: dict, vision_config: dict, n_images: int, n_texts: int, rounds: int) -> dict:
+def bench_clip_encoding(text_config: dict, vision_config: dict, n_images: int, n_texts: int, rounds: int,
+                        text_lengths: tuple[int, int] | None = None) -> dict:
+    """text_lengths None: every text fills all the positions (77 tokens). (lo, hi): each text
+    has from lo to hi tokens (start and end of text included, drawn uniformly) and is padded with
+    zeros to all the positions, as OpenAI's `clip.tokenize` pads."""
     torch.manual_seed(0)
     config = transformers.CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=512)
     theirs = transformers.CLIPModel(config).eval()
@@ -88,6 +94,11 @@ def bench_clip_encoding(text_config: dict, vision_config: dict, n_images: int, n
     images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(1))
     ids = torch.randint(1, vocab - 1, (n_texts, length), generator=torch.Generator().manual_seed(2))
     ids[:, -1] = text_config["eos_token_id"]
+    if text_lengths is not None:
+        lengths = torch.randint(text_lengths[0], text_lengths[1] + 1, (n_texts,), generator=torch.Generator().manual_seed(3))
+        ids[:, 0] = text_config["bos_token_id"]
+        ids[torch.arange(n_texts), lengths - 1] = text_config["eos_token_id"]
+        ids[torch.arange(length)[None, :] >= lengths[:, None]] = 0
 
     @torch.no_grad()
     def encode_ours():
@@ -103,7 +114,7 @@ def bench_clip_encoding(text_config: dict, vision_config: dict, n_images: int, n
     seconds = median_seconds({"ours": encode_ours, "transformers": encode_theirs}, rounds)
     return {
         "text_config": text_config, "vision_config": vision_config, "n_images": n_images, "n_texts": n_texts,
-        "seconds": seconds, "pairs_per_second": {k: (n_images + n_texts) / 2 / s for k, s in seconds.items()},
+        "text_lengths": "all positions" if text_lengths is None else text_lengths, "seconds": seconds, "pairs_per_second": {k: (n_images + n_texts) / 2 / s for k, s in seconds.items()},
         "ratio_ours_over_transformers": seconds["transformers"] / seconds["ours"], "target": 1.2,
     }
 
@@ -141,20 +152,20 @@ def main():
     vit_tiny = dict(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
                     intermediate_size=768)
     clip_text = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                     num_attention_heads=8, max_position_embeddings=77, eos_token_id=49407)
+                     num_attention_heads=8, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
     clip_vision = dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                        num_attention_heads=12)
     if args.quick:
         vit_tiny.update(hidden_size=48, num_hidden_layers=2, intermediate_size=96)
         clip_text.update(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=999)
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=998, eos_token_id=999)
         clip_vision.update(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4)
         shapes = dict(vit_batch=8, clip_images=2, clip_texts=2, caption_batch=2, caption_tokens=6, rounds=1,
-                      caption_preset="tiny")
+                      caption_preset="tiny", text_lengths=(3, 8))
     else:
         shapes = dict(vit_batch=64, clip_images=16, clip_texts=16, caption_batch=8, caption_tokens=32, rounds=5,
-                      caption_preset="small")
+                      caption_preset="small", text_lengths=(8, 24))
 
     results = {
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
@@ -172,6 +183,12 @@ def main():
           f"ours {r['seconds']['ours']:.3f} s, "
           f"CLIPModel {r['seconds']['transformers']:.3f} s, ratio {r['ratio_ours_over_transformers']:.2f}x "
           "(target 1.2x)", flush=True)
+    r = results["clip_encoding_padded_texts"] = bench_clip_encoding(
+        clip_text, clip_vision, shapes["clip_images"], shapes["clip_texts"], shapes["rounds"], shapes["text_lengths"])
+    print(f"CLIP encoding ({shapes['clip_images']} images + {shapes['clip_texts']} texts of "
+          f"{shapes['text_lengths'][0]}-{shapes['text_lengths'][1]} tokens padded to {clip_text['max_position_embeddings']}): "
+          f"ours {r['seconds']['ours']:.3f} s, CLIPModel {r['seconds']['transformers']:.3f} s, "
+          f"ratio {r['ratio_ours_over_transformers']:.2f}x (target 1.2x)", flush=True)
     r = results["captioning"] = bench_captioning(shapes["caption_preset"], shapes["caption_batch"],
                                                  shapes["caption_tokens"], shapes["rounds"])
     print(f"captioning ({r['batch_size']} images, {r['new_tokens']} words): cached {r['seconds']['cached']:.3f} s, "

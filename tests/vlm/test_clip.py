@@ -13,7 +13,7 @@ from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 from fromscratch.errors import UserError
 from fromscratch.transformer.model import quick_gelu
 from fromscratch.vlm import CLIP, CLIPConfig, TextTransformer, contrastive_loss, zero_shot_classify
-from fromscratch.vlm.clip import LOGIT_SCALE_MAX, clamp_logit_scale, eos_positions
+from fromscratch.vlm.clip import LOGIT_SCALE_MAX, clamp_logit_scale, eos_positions, l2_normalize
 
 VOCAB = 99
 
@@ -58,6 +58,31 @@ def test_matches_hugging_face_clip_model(tmp_path, eos_token_id):
                                    rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("pad", ["zeros", "eos"])
+def test_texts_padded_far_past_their_end_match_hugging_face(tmp_path, pad):
+    """Texts padded to the model's 16 positions (OpenAI's clip.tokenize pads with zeros, the
+    Hugging Face tokenizer with its end-of-text token): the text tower stops after the last end
+    of text (`TextTransformer.states_at`), and the embeddings still equal CLIPModel's."""
+    reference = hf_clip()
+    reference.save_pretrained(tmp_path)
+    ours = CLIP.from_pretrained(tmp_path)
+    torch.manual_seed(4)
+    ids = torch.randint(3, VOCAB - 3, (3, 16))
+    ends = torch.tensor([5, 2, 7])  # the last at 7: nine of the sixteen columns are padding
+    after_end = torch.arange(16)[None, :] > ends[:, None]
+    ids[torch.arange(3), ends] = VOCAB - 1
+    ids[after_end] = 0 if pad == "zeros" else VOCAB - 1
+    mask = (~after_end).long()
+    lengths = []  # of the sequence each text layer runs on
+    ours.text.layers[0].register_forward_hook(lambda layer, args, out: lengths.append(out.size(1)))
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            expected = reference.get_text_features(input_ids=ids, attention_mask=attention_mask).pooler_output
+            torch.testing.assert_close(ours.embed_texts(ids, attention_mask), l2_normalize(expected),
+                                       rtol=0, atol=1e-5)
+    assert lengths == [8, 8]
+
+
 def test_pooling_follows_hugging_face_eos_rule():
     ids = torch.tensor([[5, 7, 2, 9, 0], [5, 2, 0, 9, 9]])
     assert eos_positions(ids, 9).tolist() == [3, 3]  # the first eos
@@ -75,7 +100,7 @@ def test_the_text_tower_at_the_end_of_text_equals_its_full_output_there(tmp_path
     rows = torch.arange(3)
     with torch.no_grad():
         for text in (tower, no_layers):
-            for positions in (torch.tensor([9, 6, 4]), torch.tensor([0, 3, 9])):
+            for positions in (torch.tensor([9, 6, 4]), torch.tensor([0, 3, 9]), torch.tensor([2, 5, 1])):
                 for attention_mask in (mask, None):
                     torch.testing.assert_close(text.states_at(ids, positions, attention_mask),
                                                text(ids, attention_mask)[rows, positions], rtol=1e-5, atol=1e-6)

@@ -146,7 +146,14 @@ class TextTransformer(nn.Module):
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final state at one position of each row, positions (B,) → (B, d_model), equal to
         `forward(tokens, attention_mask)[rows, positions]`; the last layer runs for that position
-        only (`EncoderLayer.forward_at`), which is all that the pooled text embedding reads."""
+        only (`EncoderLayer.forward_at`), which is all that the pooled text embedding reads.
+
+        Under the causal mask no position sees a later one, so the columns after the last of
+        `positions` (the padding after each end of text, in texts padded to a fixed length as
+        OpenAI's `clip.tokenize` pads them to 77) are not computed at all."""
+        end = int(positions.max()) + 1 if positions.numel() else 0
+        tokens = tokens[:, :end]  # (B, T') with T' ≤ T
+        attention_mask = None if attention_mask is None else attention_mask[:, :end]
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         x = self.embed(tokens)
         if not self.layers:
