@@ -12,7 +12,7 @@ from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
 from fromscratch.errors import UserError
 from fromscratch.transformer.model import quick_gelu
-from fromscratch.vlm import CLIP, CLIPConfig, TextTransformer, contrastive_loss, zero_shot_classify
+from fromscratch.vlm import CLIP, CLIPConfig, TextTransformer, accelerate, contrastive_loss, zero_shot_classify
 from fromscratch.vlm.clip import LOGIT_SCALE_MAX, clamp_logit_scale, eos_positions, l2_normalize
 
 VOCAB = 99
@@ -88,6 +88,20 @@ def test_pooling_follows_hugging_face_eos_rule():
     assert eos_positions(ids, 9).tolist() == [3, 3]  # the first eos
     assert eos_positions(ids, 2).tolist() == [3, 3]  # eos_id 2: the largest id (argmax), as HF's legacy configs
     assert eos_positions(torch.tensor([[4, 8, 9, 9, 0]]), 9).tolist() == [2]
+    with pytest.raises(UserError, match="text 1 of the batch has no end-of-text token \\(id 9\\)"):
+        eos_positions(torch.tensor([[4, 9, 0], [4, 8, 0]]), 9)  # CLIPModel would read row 1 at position 0
+
+
+@pytest.mark.filterwarnings("ignore:var_mean")  # PyTorch's, for the plain LayerNorm of zero rows
+def test_empty_batches_embed_to_empty_tensors():
+    torch.manual_seed(5)
+    config = CLIPConfig.from_preset("tiny", vocab_size=VOCAB, eos_id=VOCAB - 1)
+    for model in (CLIP(config).eval(), accelerate(CLIP(config).eval())):
+        with torch.no_grad():
+            assert model.embed_images(torch.zeros(0, 3, config.image_size, config.image_size)).shape == (0, config.embed_dim)
+            assert model.embed_texts(torch.zeros(0, 8, dtype=torch.long)).shape == (0, config.embed_dim)
+            logits = model(torch.randn(2, 3, config.image_size, config.image_size), torch.zeros(0, 8, dtype=torch.long))
+            assert logits.shape == (2, 0)
 
 
 def test_the_text_tower_at_the_end_of_text_equals_its_full_output_there(tmp_path):

@@ -115,8 +115,8 @@ class FusedMultiHeadAttention(MultiHeadAttention):
             out = short_attention(q, k, v, mask, is_causal)
         else:
             out = scaled_dot_product_attention(q, k, v, mask, is_causal, use_sdpa=use_sdpa)
-        b, _, t, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, d_model)
+        b, heads, t, head_dim = out.shape
+        out = out.transpose(1, 2).reshape(b, t, heads * head_dim)  # (B, T, d_model)
         return self.out_proj(out if rows is None else rows.pack(out))
 
     @staticmethod

@@ -102,8 +102,8 @@ class MultiHeadAttention(nn.Module):
             # softmax(QKᵀ/√d_k) · I is the weight matrix itself, with exactly the same masking.
             eye = torch.eye(k.size(2), dtype=k.dtype, device=k.device).expand(*k.shape[:2], -1, -1)
             self.weights = scaled_dot_product_attention(q, k, eye, mask, is_causal, use_sdpa=False)
-        b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # Concat(heads) W^O
+        b, heads, t, head_dim = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, heads * head_dim))  # Concat(heads) W^O
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,9 @@ unimodal text decoder (model.py).
 Where the code departs from OpenAI's:
 - Pooling at the end-of-text token follows Hugging Face's rule: the first `eos_id` in each row,
   except when eos_id is 2 (configs written before transformers PR #24773), where the largest
-  token id in the row is taken (OpenAI's EOT is the last token of its vocabulary).
+  token id in the row is taken (OpenAI's EOT is the last token of its vocabulary). Under the
+  first rule a row without `eos_id` is refused with an error naming the row, where `CLIPModel`
+  silently reads position 0, before the text.
 - One `norm_eps` and one `activation` for both towers (every published CLIP has the same in
   both; a checkpoint whose towers differ is refused when loaded).
 """
@@ -164,10 +166,16 @@ class TextTransformer(nn.Module):
 
 
 def eos_positions(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B,) where each row's text ends, by Hugging Face's rule (module docstring)."""
+    """(B,) where each row's text ends, by Hugging Face's rule (module docstring). A row without
+    `eos_id` is refused (`CLIPModel` would read it at position 0, before the text)."""
     if eos_id == 2:
         return tokens.argmax(dim=-1)
-    return (tokens == eos_id).int().argmax(dim=-1)
+    is_eos = tokens == eos_id
+    missing = (~is_eos.any(dim=-1)).nonzero()
+    if len(missing):
+        raise UserError(f"text {int(missing[0])} of the batch has no end-of-text token (id {eos_id}): "
+                        "CLIP reads each text at its end of text")
+    return is_eos.int().argmax(dim=-1)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
