@@ -95,7 +95,8 @@ def bench_clip_encoding(text_config: dict, vision_config: dict, n_images: int, n
     ids = torch.randint(1, vocab - 1, (n_texts, length), generator=torch.Generator().manual_seed(2))
     ids[:, -1] = text_config["eos_token_id"]
     if text_lengths is not None:
-        lengths = torch.randint(text_lengths[0], text_lengths[1] + 1, (n_texts,), generator=torch.Generator().manual_seed(3))
+        lengths = torch.randint(text_lengths[0], text_lengths[1] + 1, (n_texts,),
+                                generator=torch.Generator().manual_seed(3))
         ids[:, 0] = text_config["bos_token_id"]
         ids[torch.arange(n_texts), lengths - 1] = text_config["eos_token_id"]
         ids[torch.arange(length)[None, :] >= lengths[:, None]] = 0
@@ -114,7 +115,8 @@ def bench_clip_encoding(text_config: dict, vision_config: dict, n_images: int, n
     seconds = median_seconds({"ours": encode_ours, "transformers": encode_theirs}, rounds)
     return {
         "text_config": text_config, "vision_config": vision_config, "n_images": n_images, "n_texts": n_texts,
-        "text_lengths": "all positions" if text_lengths is None else text_lengths, "seconds": seconds, "pairs_per_second": {k: (n_images + n_texts) / 2 / s for k, s in seconds.items()},
+        "text_lengths": "all positions" if text_lengths is None else text_lengths, "seconds": seconds,
+        "pairs_per_second": {k: (n_images + n_texts) / 2 / s for k, s in seconds.items()},
         "ratio_ours_over_transformers": seconds["transformers"] / seconds["ours"], "target": 1.2,
     }
 
@@ -185,8 +187,9 @@ def main():
           "(target 1.2x)", flush=True)
     r = results["clip_encoding_padded_texts"] = bench_clip_encoding(
         clip_text, clip_vision, shapes["clip_images"], shapes["clip_texts"], shapes["rounds"], shapes["text_lengths"])
-    print(f"CLIP encoding ({shapes['clip_images']} images + {shapes['clip_texts']} texts of "
-          f"{shapes['text_lengths'][0]}-{shapes['text_lengths'][1]} tokens padded to {clip_text['max_position_embeddings']}): "
+    lo, hi = shapes["text_lengths"]
+    print(f"CLIP encoding ({shapes['clip_images']} images + {shapes['clip_texts']} texts of {lo}-{hi} tokens "
+          f"padded to {clip_text['max_position_embeddings']}): "
           f"ours {r['seconds']['ours']:.3f} s, CLIPModel {r['seconds']['transformers']:.3f} s, "
           f"ratio {r['ratio_ours_over_transformers']:.2f}x (target 1.2x)", flush=True)
     r = results["captioning"] = bench_captioning(shapes["caption_preset"], shapes["caption_batch"],
