@@ -1,8 +1,9 @@
 """Hugging Face's `MixtralForCausalLM` as the reference, and our model holding its weights.
 
 The weights are copied here, in the test, from the HF model's own in-memory layout (transformers
-5: fused `gate_up_proj` and `down_proj` per layer), not through `moe/checkpoints.py`, so the
-parity tests do not depend on the loader they are also used to check.
+5: fused `gate_up_proj` and `down_proj` per layer), not through `moe/checkpoints.py`: the experts
+and routers are renamed here, and the rest takes only the Llama loader's key renaming and q/k
+permutation (`helpers.hf_llama_weights_to_ours`), which test_llama_checkpoints checks on their own.
 """
 
 import torch
