@@ -4,7 +4,9 @@ A decoding step multiplies one row per sequence by every weight matrix, so it co
 stream the weights from memory. nn.Linear stores W as (out, in); for one row MKL streams that
 layout at ~8 GB/s on one core. Here each matrix is kept transposed and cut into column blocks
 stacked as a batch, so that one `torch.bmm` shares the blocks among the cores and streams them at
-25–34 GB/s on the 2-core machine of `bench/` (docs/performance.md). Used by every model's packed
+25–34 GB/s on the 2-core AMD EPYC of `bench/`, whose weights come from DRAM. On hosts whose L3
+cache holds the weights the three layouts stream alike, the blocks 16–35 % slower than the best
+of them (docs/performance.md, "Where the L3 holds the weights"). Used by every model's packed
 decoding step (`fromscratch.llama.fast`, `fromscratch.transformer.fast`).
 """
 

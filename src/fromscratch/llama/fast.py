@@ -32,6 +32,9 @@ AMD EPYC of `bench/bench_llama.py` (section "decode_layouts"; docs/performance.m
 - Products that read the same input are fused into one matrix: wq|wk|wv (one product instead of
   three) and w1|w3 (the SwiGLU gate and up projections). Fewer, larger products: less overhead.
 
+On the Intel hosts measured since, whose L3 cache holds the 61 MB, MKL streams every layout at
+36–52 GB/s from the cache, the blocks the slowest of the three (docs/performance.md).
+
 The copy costs as much memory as the weights, so it is made only for CPU models up to
 `fromscratch.fast.packed.PACK_MAX_BYTES`, on the first decoding step, and made again whenever a
 parameter is replaced or written in place. `tests/llama/test_llama_fast.py` checks the step's logits against `Llama.forward`.

@@ -19,8 +19,9 @@
    model.py's decoder layers for one position on a copy of their weights laid out for it
    (`fromscratch.fast.packed`: transposed, cut into column blocks that one `bmm` shares among the
    cores), with the self-attention's q|k|v fused into one product. On a CPU a one-token step is
-   bound by how fast the weights stream from memory, and that layout streams them 3–4× faster
-   than nn.Linear's (docs/performance.md). For many rows at once (a wide beam, a large batch) the
+   bound by how fast the weights stream from memory, and where they come from DRAM that layout
+   streams them 3× faster than nn.Linear's (where the L3 cache holds them, a little slower:
+   docs/performance.md). For many rows at once (a wide beam, a large batch) the
    step is compute-bound instead and the products go through the model's own layers. Decoding
    one source (`translate run` of a sentence, greedy or beam), the cross-attention's query and
    output projections are folded with the source's keys and values into two smaller products
