@@ -82,6 +82,31 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
     assert losses("straight") == losses("broken")
 
 
+class UnreachedPartTask(ToyTask):
+    """A model with a part the loss never reaches (the VLM's image pooler in a run without
+    captions): that part gets no gradient, so AdamW keeps no state for it."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.model.unreached = torch.nn.Linear(16, 16)
+
+
+class SignalledUnreachedPartTask(SignalledTask, UnreachedPartTask):
+    pass
+
+
+def test_a_part_that_never_gets_a_gradient_resumes_bitwise_identical(tmp_path):
+    Trainer(UnreachedPartTask(), config(tmp_path / "straight")).fit()
+    with pytest.raises(Interrupted):
+        Trainer(SignalledUnreachedPartTask(signal_step=12), config(tmp_path / "broken")).fit()
+    torch.manual_seed(999)
+    Trainer(UnreachedPartTask(seed=0), config(tmp_path / "broken", resume=True)).fit()
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
+    assert "unreached.weight" in a and a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_arguments_fail_before_work(tmp_path):
     with pytest.raises(UserError, match="no checkpoint to resume"):
         Trainer(ToyTask(), config(tmp_path / "none", resume=True))

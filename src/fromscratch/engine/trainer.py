@@ -242,7 +242,11 @@ class Trainer:
         barrier(self.dist)
 
     def _load(self, model, optimizer, scaler) -> tuple[int, int, dict | None]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         directory = ckpt.checkpoint_dir(self.run_dir, "latest")
         state = json.loads((directory / "trainer_state.json").read_text())
@@ -250,10 +254,11 @@ class Trainer:
         optim_state = ckpt.unflatten_optimizer_state(
             ckpt.load_tensors(directory / "optimizer.safetensors"), state["optimizer"]
         )
-        set_state_dict(
-            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-            options=StateDictOptions(full_state_dict=True),
-        )
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+        # A parameter that never had a gradient (a part the run's data never reaches: the VLM's
+        # image pooler without captions) has no AdamW state to save, so none to load: not strict.
+        set_optimizer_state_dict(model, optimizer, optim_state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
         if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         rng_file = directory / f"rng-rank{self.dist.rank}.safetensors"
