@@ -277,6 +277,29 @@ def test_cooldown_falls_linearly_over_the_last_share_of_the_steps(tmp_path):
         TrainConfig(cooldown=1.0)
 
 
+def test_more_steps_on_resume_move_a_cooldown_not_begun_and_refuse_one_begun(tmp_path):
+    """A run of 20 steps with --cooldown 0.2 plans its cooldown after step 16. Stopped at step 12
+    and resumed with --max-steps 30, it cools down after step 24 and ends as a straight 30-step
+    run does; resumed at its end, where the rate reached its lowest, more steps are refused
+    (they would have trained at a rate of 0), before anything is written."""
+    settings = dict(schedule="constant", warmup_steps=0, lr=0.01, cooldown=0.2)
+    Trainer(ToyTask(), config(tmp_path / "straight", max_steps=30, **settings)).fit()
+    with pytest.raises(Interrupted):
+        Trainer(SignalledTask(signal_step=12), config(tmp_path / "longer", max_steps=20, **settings)).fit()
+    torch.manual_seed(999)
+    Trainer(ToyTask(seed=0), config(tmp_path / "longer", max_steps=30, resume=True, **settings)).fit()
+    lrs = [row["lr"] for row in read_csv(tmp_path / "longer" / "metrics.csv")]
+    assert lrs[:24] == [0.01] * 24 and lrs[24:] == pytest.approx([0.01 * (1 - k / 7) for k in range(1, 7)])
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "longer")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+    Trainer(ToyTask(), config(tmp_path / "done", max_steps=20, **settings)).fit()
+    record = (tmp_path / "done" / "run.json").read_text()
+    with pytest.raises(UserError, match="cooldown began after step 16 .* Resume with --max-steps 20"):
+        Trainer(ToyTask(), config(tmp_path / "done", max_steps=30, resume=True, **settings))
+    assert (tmp_path / "done" / "run.json").read_text() == record
+
+
 class FakeClock:
     """time.perf_counter for the trainer: half a second further at every call."""
 

@@ -3,11 +3,10 @@
 import argparse
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from fromscratch.errors import UserError
+from fromscratch.inputs import checked_output_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "noam", "constant")
@@ -102,19 +101,7 @@ def flag(name: str) -> str:
 def check_out_dir(out_dir: str | os.PathLike) -> None:
     """UserError unless `out_dir` is a directory we can write, or one we can create: it must not
     be a file, nor lie under one, and its nearest existing ancestor must be writable."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path}: exists and is a file, not a directory")
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"--out {path}: {ancestor} is a file, so no directory can be made under it")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot write in {ancestor} ({e.strerror or e})") from None
+    checked_output_dir(out_dir, "--out")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:
