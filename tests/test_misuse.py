@@ -349,3 +349,73 @@ def test_checkpoints_and_converted_files_are_readable_by_all(llama_run, tmp_path
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o755
+
+
+# --- what a command writes at its end, and decoding flags ------------------------------------------
+
+
+def test_an_output_that_cannot_be_written_fails_before_decoding(translate_run, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("precious\n")
+    for output, expected in ((a_file / "out.txt", "is a file, so no directory can be made under it"),
+                             (tmp_path, "is a directory; give a file path")):
+        code, out, err = cli("translate", "eval", "--checkpoint", translate_run, "--test", "demo:test", "--beam", "1",
+                             "--output", output)
+        assert_one_line_error((code, out, err), f"--output {output}", expected)
+        assert "translated in" not in err  # refused before the decoding, not after it
+    assert a_file.read_text() == "precious\n"
+
+
+def test_eval_output_has_a_line_for_each_source_line_even_when_pairs_are_skipped(translate_run, tmp_path):
+    test = tmp_path / "test"
+    test.with_suffix(".en").write_text("I eat rice.\nWe read.\n\nShe runs.\n", encoding="utf-8")
+    test.with_suffix(".id").write_text("Saya makan nasi.\nKami membaca.\nKosong.\nDia berlari.\n", encoding="utf-8")
+    output = tmp_path / "made" / "out.txt"  # its folder is made
+    code, _, err = cli("translate", "eval", "--checkpoint", translate_run, "--test", test, "--beam", "1",
+                       "--output", output)
+    assert code == 0, err
+    lines = output.read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(lines) == 4 and lines[2] == "" and all(lines[i] for i in (0, 1, 3))
+    _, alone, _ = cli("translate", "run", "--checkpoint", translate_run, "--beam", "1", "She runs.")
+    assert lines[3] == alone.strip()  # the fourth line's translation is on the fourth line
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--length-penalty", "nan"], "--length-penalty must be a number ≥ 0, got nan"),
+    (["--length-penalty", "inf"], "--length-penalty must be a number ≥ 0, got inf"),
+    (["--length-penalty=-1"], "--length-penalty must be a number ≥ 0, got -1.0"),
+    (["--average", "0"], "--average must be at least 1, got 0"),
+    (["--beam", "100000"], "a beam of 100000 is more than the model's vocabulary of"),
+])
+def test_impossible_decoding_flags_are_refused(flags, expected, translate_run):
+    assert_one_line_error(cli("translate", "run", "--checkpoint", translate_run, *flags, "Hello."), expected)
+
+
+def test_max_tokens_below_two_is_refused_before_tokenizing(tmp_path):
+    for value in ("0", "1", "-5"):
+        assert_one_line_error(translate_train(tmp_path / "run", "--max-tokens", value),
+                              f"--max-tokens must be at least 2 (a token and the end token), got {value}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_vocab_size_or_label_smoothing_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert translate_train(run)[0] == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert_one_line_error(translate_train(run, "--resume", "--vocab-size", "400"),
+                          "vocab_size 300 → 400")
+    assert_one_line_error(translate_train(run, "--resume", "--label-smoothing", "0.3"),
+                          "label_smoothing 0.1 → 0.3")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    # More steps after the recipe's cooldown has run would train at a rate of 0: refused before any work.
+    assert_one_line_error(translate_train(run, "--resume", "--max-steps", "3"),
+                          "--max-steps 3: the run's cooldown began after step 1")
+    assert translate_train(run, "--resume")[0] == 0  # the same flags resume (to the end it has reached)
+
+
+def test_llama_convert_under_a_file_is_refused(llama_run, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("precious\n")
+    assert_one_line_error(cli("llama", "convert", "--checkpoint", llama_run, "--out", a_file / "hf"),
+                          f"{a_file} is a file, so no directory can be made under it")
+    assert a_file.read_text() == "precious\n"

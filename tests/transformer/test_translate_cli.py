@@ -32,7 +32,8 @@ def write(prefix, corpus, indices, extra=()):
 
 
 TRAIN_FLAGS = ["--preset", "tiny", "--vocab-size", "300", "--batch-tokens", "400", "--warmup-steps", "5",
-               "--eval-every", "10", "--save-every", "10", "--bleu-samples", "4", "--device", "cpu"]
+               "--eval-every", "10", "--save-every", "10", "--bleu-samples", "4", "--device", "cpu",
+               "--cooldown", "0"]  # no cooldown, so that a finished run can be resumed for more steps
 
 
 @pytest.fixture(scope="module")

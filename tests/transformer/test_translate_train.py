@@ -264,7 +264,8 @@ def test_shape_flags_replace_the_presets_sizes_and_a_resume_must_repeat_them(tmp
     from fromscratch.transformer import train
 
     shape = {"d_model": 32, "n_heads": 2, "n_encoder_layers": None, "n_decoder_layers": 1, "d_ff": None}
-    common = dict(preset="tiny", bleu_samples=0, device="cpu", eval_every=1, save_every=1)
+    # No cooldown: the 1-step run is resumed for a second step.
+    common = dict(preset="tiny", bleu_samples=0, device="cpu", eval_every=1, save_every=1, cooldown=0)
     train("demo:train", "demo:test", tmp_path / "run", shape=shape, activation="gelu", max_steps=1, **common)
     config = json.loads((tmp_path / "run" / "model_config.json").read_text())
     tiny = TransformerConfig.from_preset("tiny")
@@ -406,7 +407,7 @@ def test_train_with_a_tag_keeps_it_in_the_run_and_refuses_to_resume_without_it(t
     from fromscratch.transformer import train
 
     out = tmp_path / "tagged"
-    settings = dict(preset="tiny", vocab_size=300, max_steps=1, bleu_samples=0, device="cpu")
+    settings = dict(preset="tiny", vocab_size=300, max_steps=1, bleu_samples=0, device="cpu", cooldown=0)
     train("demo:train", "demo:test", out, tag="every", **settings)
     _, tokenizer = load_translator(out)
     assert tokenizer.source_tag == "every" and tokenizer.source_prefix == [4]
@@ -424,7 +425,7 @@ def test_train_with_bpe_dropout_records_it_and_a_resume_must_repeat_it(tmp_path)
     from fromscratch.transformer import train
 
     out = tmp_path / "bpe-dropout"
-    settings = dict(preset="tiny", vocab_size=300, bleu_samples=0, device="cpu")
+    settings = dict(preset="tiny", vocab_size=300, bleu_samples=0, device="cpu", cooldown=0)
     result = train("demo:train", "demo:test", out, bpe_dropout=0.1, max_steps=2, **settings)
     assert result["step"] == 2 and load_translator(out)[1].vocab_size == 300
     assert json.loads((out / "translate_data.json").read_text())["bpe_dropout"] == 0.1

@@ -24,6 +24,7 @@ from fromscratch.checkpoints.safe import (
     torch_load,
 )
 from fromscratch.errors import UserError
+from fromscratch.inputs import check_can_make
 
 WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
                   ("pytorch_model.bin", "pytorch_model.bin.index.json"))
@@ -84,6 +85,7 @@ def write_model_directory(out_dir: str | os.PathLike, write_files: Callable[[Pat
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
+    check_can_make(out, "the model directory", out)  # under a file, or in a folder we cannot write
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
         raise UserError(f"{out} exists, is not empty and holds no model; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

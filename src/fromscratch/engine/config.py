@@ -86,12 +86,15 @@ class TrainConfig:
         return d
 
     def check_before_work(self) -> None:
-        """Fail now, before any work, if the run directory cannot be made and written or the
-        device does not exist here."""
+        """Fail now, before any work, if the run directory cannot be made and written, the device
+        does not exist here, or a resumed cooldown cannot follow a new --max-steps."""
         from fromscratch.devices import resolve_device
+
+        from fromscratch.engine.schedules import check_resumed_cooldown
 
         check_out_dir(self.out_dir)
         resolve_device(self.device)
+        check_resumed_cooldown(self)
 
 
 def flag(name: str) -> str:

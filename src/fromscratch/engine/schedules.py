@@ -9,6 +9,7 @@ are decided once, when that share of the time is left, and kept in the checkpoin
 import math
 
 from fromscratch.engine.config import TrainConfig
+from fromscratch.errors import UserError
 
 
 def learning_rate(step: int, config: TrainConfig, cooldown: tuple[int, int] | None = None) -> float:
@@ -29,6 +30,29 @@ def cooldown_window(config: TrainConfig) -> tuple[int, int] | None:
         return None
     steps = max(round(config.cooldown * config.max_steps), 1)
     return config.max_steps - steps, steps
+
+
+def check_resumed_cooldown(config: TrainConfig) -> None:
+    """On --resume, a cooldown planned from --max-steps follows a new --max-steps, unless it had
+    begun: its rate has then fallen toward 0 at the old last step, and the steps after that would
+    train at 0. Refused here, before any work. (One decided on the clock is kept as it was.)"""
+    from fromscratch.checkpoints.safe import read_json_object
+    from fromscratch.engine.checkpoint import checkpoint_dir
+
+    if not config.resume or config.max_minutes is not None:
+        return
+    directory = checkpoint_dir(config.out_dir, "latest")
+    if directory is None or not (directory / "trainer_state.json").is_file():
+        return  # nothing to resume: check_run_state says so
+    state = read_json_object(directory / "trainer_state.json")
+    recorded = tuple(state["cooldown"]) if state.get("cooldown") else None
+    if recorded is None or recorded == cooldown_window(config) or state["step"] <= recorded[0]:
+        return
+    start, steps = recorded
+    raise UserError(f"--max-steps {config.max_steps}: the run's cooldown began after step {start} (the last {steps} "
+                    f"steps of {start + steps}) and was at step {state['step']}; its rate falls to 0 at step "
+                    f"{start + steps}, so a different --max-steps cannot follow it. Resume with --max-steps "
+                    f"{start + steps}, or start a new run")
 
 
 def clock_cooldown_window(step: int, steps_run: int, elapsed: float, config: TrainConfig) -> tuple[int, int] | None:

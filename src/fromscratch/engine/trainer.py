@@ -153,24 +153,6 @@ class Trainer:
                     + "; ".join(problems)
                     + f". Repeat the original flags (recorded in {self.run_dir / 'run.json'}) or use a new --out"
                 )
-            self._check_resumed_cooldown()
-
-    def _check_resumed_cooldown(self) -> None:
-        """A cooldown planned from --max-steps follows a new --max-steps on --resume, unless it had
-        begun: its rate has then fallen toward 0 at the old last step, and the steps after that
-        would train at 0. Refused before anything is written. (One decided on the clock is kept
-        as it was: `_load`.)"""
-        if self.config.max_minutes is not None:
-            return
-        state = read_json_object(ckpt.checkpoint_dir(self.run_dir, "latest") / "trainer_state.json")
-        recorded = tuple(state["cooldown"]) if state.get("cooldown") else None
-        if recorded is None or recorded == cooldown_window(self.config) or state["step"] <= recorded[0]:
-            return
-        start, steps = recorded
-        raise UserError(f"--max-steps {self.config.max_steps}: the run's cooldown began after step {start} (the "
-                        f"last {steps} steps of {start + steps}) and was at step {state['step']}; its rate falls to 0 "
-                        f"at step {start + steps}, so a different --max-steps cannot follow it. Resume with "
-                        f"--max-steps {start + steps}, or start a new run")
 
     def _write_run_record(self) -> None:
         path = self.run_dir / "run.json"
@@ -289,7 +271,8 @@ class Trainer:
         elif self.dist.is_main:
             print(f"note: {directory} has no RNG state for rank {self.dist.rank} (different process count); "
                   "the resumed run is valid but not bit-identical", file=sys.stderr)
-        if state.get("cooldown") and self.config.max_minutes is not None:  # decided on the clock: keep it
+        # One decided on the clock is kept; one planned from --max-steps follows it (`check_resumed_cooldown`).
+        if state.get("cooldown") and self.config.max_minutes is not None:
             self._cooldown = tuple(state["cooldown"])
         return state["step"], state["tokens_seen"], state.get("best")
 

@@ -51,7 +51,7 @@ def load_model(cls, spec, device: str = "cpu", average: int | None = None):
     """The model `spec` names (see the module docstring); with `average`, the mean of the
     weights of a run's last `average` checkpoints (§6.1)."""
     path = resolve_checkpoint(spec, allow_patterns=MARIAN_HUB_FILES)
-    if average:
+    if average is not None:  # 0 or less is refused there, not taken for no averaging
         state, config_dict, chosen = average_last_checkpoints(path, average, MODEL_NAME)
         config = TransformerConfig.from_dict(config_dict, source=str(chosen[-1]))
         return build(cls, config, state, f"{path} (the mean of {len(chosen)} checkpoints)", device)

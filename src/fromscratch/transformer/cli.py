@@ -17,7 +17,7 @@ from pathlib import Path
 from fromscratch.blocks.search import check_ngram_size
 from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
-from fromscratch.inputs import checked_text, stdin_is_a_file, stdin_lines
+from fromscratch.inputs import checked_output, checked_text, stdin_is_a_file, stdin_lines
 from fromscratch.transformer.config import ACTIVATIONS, TransformerConfig
 from fromscratch.transformer.data import load_corpora, parse_repeats
 from fromscratch.transformer.training import LABEL_SMOOTHING, RECIPES, SHAPE_FIELDS, paper_train_config, train
@@ -118,7 +118,8 @@ def register(subparsers) -> None:
     eval_p.add_argument("--batch-size", type=int, default=64,
                         help="sentences decoded at a time (default: 64); beam search keeps that many in its "
                              "batch, each that is done giving its place to the next")
-    eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, one per line")
+    eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, a line for each line of PREFIX.en (empty for a pair "
+                             "that was skipped)")
     eval_p.add_argument("--average", type=int, default=None, metavar="N",
                         help="the mean of the run's last N checkpoints (§6.1), not its best one")
     add_decoding_arguments(eval_p)
@@ -155,6 +156,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 def _decoding(args: argparse.Namespace) -> dict:
     _check_beam(args.beam)
     check_ngram_size(args.no_repeat_ngram, "--no-repeat-ngram")
+    if args.length_penalty is not None and not 0 <= args.length_penalty < float("inf"):  # nan fails both
+        raise UserError(f"--length-penalty must be a number ≥ 0, got {args.length_penalty}")
     length_penalty = run_length_penalty(args.checkpoint) if args.length_penalty is None else args.length_penalty
     return dict(beam_size=args.beam, length_penalty=length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
 
@@ -182,6 +185,7 @@ def _note(message: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     check_batch_size(args.batch_size)
     decoding = _decoding(args)
+    output = checked_output(args.output, "--output") if args.output else None  # before the decoding
     test = load_corpora([args.test], max_chars=None)
     model, tokenizer = load_translator(args.checkpoint, args.device, args.average)
     print(f"{len(test)} pairs from {args.test}, beam {args.beam}", file=sys.stderr)
@@ -189,8 +193,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     scores = evaluate_bleu(model, tokenizer, test.src, test.tgt, batch_size=args.batch_size, **decoding)
     seconds = time.perf_counter() - start
     print(f"translated in {seconds:.1f} s ({len(test) / seconds:.1f} sentences/s)", file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text("".join(h + "\n" for h in scores["hypotheses"]), encoding="utf-8")
+    if output:
+        # A line for each line of PREFIX.en, so that the two line up: a skipped pair's stays empty.
+        lines = [""] * (len(test) + test.skipped.total)
+        for number, hypothesis in zip(test.origins.line_of_each(), scores["hypotheses"]):
+            lines[number - 1] = hypothesis
+        output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     print(f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f}")
 
 

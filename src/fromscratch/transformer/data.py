@@ -118,6 +118,10 @@ class Origins(Sequence[str]):
         """For each pair, the index in `names` of the file it came from."""
         return np.frombuffer(self._names, dtype=np.uint16) if len(self) else np.zeros(0, np.uint16)
 
+    def line_of_each(self) -> np.ndarray:
+        """For each pair, its 1-based line in the file it came from."""
+        return np.frombuffer(self._lines, dtype=np.uint32) if len(self) else np.zeros(0, np.uint32)
+
     def select(self, indices: Sequence[int]) -> "Origins":
         out = Origins()
         for i in indices:
@@ -232,7 +236,7 @@ def read_parallel(
         )
     for path, name in ((src_path, src_name), (tgt_path, tgt_name)):
         if not text_in[name] and not corpus.src:
-            raise UserError(f"{path} is empty: it holds no text to train on (or only whitespace)")
+            raise UserError(f"{path} is empty: it holds no sentences (or only whitespace)")
     if log and skipped:
         logger.warning("%s: %s", prefix, skipped.summary())
     return corpus

@@ -58,6 +58,7 @@ from fromscratch.transformer.translation import DECODING_RECORD, evaluate_bleu
 LABEL_SMOOTHING = 0.1  # ε_ls, §5.4 (`translate train --label-smoothing`)
 BPE_DROPOUT_STREAM = 0xB9E  # the third key of a step's BPE-dropout generator: [seed, step, this]
 DATA_RECORD = "translate_data.json"  # what the run was trained on; checked on --resume
+RECORDED_LATER = ("label_smoothing", "vocab_size")  # compared on --resume only when the run recorded them
 
 
 def paper_train_config(**overrides) -> TrainConfig:
@@ -104,6 +105,7 @@ class TranslationTask:
         length_penalty: float | None = None,
         bpe_dropout: float = 0.0,
         label_smoothing: float = LABEL_SMOOTHING,
+        vocab_size: int | None = None,
     ):
         check_label_smoothing(label_smoothing)
         if model_config.vocab_size != tokenizer.vocab_size:
@@ -163,6 +165,11 @@ class TranslationTask:
             self.fingerprint["tag"] = tag
         if bpe_dropout:
             self.fingerprint["bpe_dropout"] = bpe_dropout
+        # Recorded since they were found unchecked on --resume (the run's own tokenizer was kept
+        # whatever --vocab-size asked; another ε silently changed the loss); older runs lack them.
+        self.fingerprint["label_smoothing"] = label_smoothing
+        if vocab_size is not None:  # what --vocab-size asked (the tokenizer may hold fewer)
+            self.fingerprint["vocab_size"] = vocab_size
 
     def _encode(self, corpus: ParallelCorpus, what: str, max_tokens: int,
                 tagged: np.ndarray | bool = False) -> tuple[TokenizedPairs, list[int]]:
@@ -246,10 +253,12 @@ class TranslationTask:
             return
         old = json.loads(record.read_text())
         keys = list(self.fingerprint) + [k for k in old if k not in self.fingerprint]  # one side's only, too
+        keys = [k for k in keys if k in old or k not in RECORDED_LATER]
         changed = [f"{k} {old.get(k)} → {self.fingerprint.get(k)}" for k in keys if old.get(k) != self.fingerprint.get(k)]
         if changed:
             raise UserError(f"--resume: the data differ from those {run_dir} was trained on ({'; '.join(changed)}); "
-                            "repeat the original --train/--valid/--batch-tokens/--max-tokens/--bpe-dropout or use a new --out")
+                            "repeat the original --train/--valid/--batch-tokens/--max-tokens/--bpe-dropout/"
+                            "--label-smoothing/--vocab-size or use a new --out")
 
     def flops_per_token(self) -> float:
         """Training FLOPs per target token, the usual 6·N + attention estimate (Kaplan et al. 2020):
@@ -368,6 +377,8 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 260")
     if batch_tokens < 8:
         raise UserError(f"--batch-tokens {batch_tokens} is too small")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2 (a token and the end token), got {max_tokens}")
     check_bpe_dropout(bpe_dropout)  # before the corpora are read
     check_label_smoothing(label_smoothing)
     overrides = {name: settings[name] for name in ("dropout", "norm_first") if settings[name] is not None}
@@ -409,7 +420,7 @@ def train(train: str | list[str], valid: str, out: str | Path, *, preset: str | 
     task = TranslationTask(train_corpus, valid_corpus, tokenizer, model_config, batch_tokens=batch_tokens,
                            seed=config.seed, max_tokens=max_tokens, bleu_samples=bleu_samples, repeats=repeats,
                            length_penalty=defaults["decoding"]["length_penalty"], bpe_dropout=bpe_dropout,
-                           label_smoothing=label_smoothing)
+                           label_smoothing=label_smoothing, vocab_size=vocab_size)
     del train_corpus  # the task holds the token ids; the text need not stay in memory beside them
     config.noam_d_model = model_config.d_model
     # Unused by translate; set so the engine's check that it splits over processes × accumulation passes.

@@ -115,6 +115,9 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
     and `report` (default: a logged warning) is told so, naming the line by its number in
     `line_numbers` (default: 1, 2, …)."""
     check_batch_size(batch_size)
+    if beam_size > model.config.vocab_size:  # and memory for beam × vocabulary scores a sentence
+        raise UserError(f"a beam of {beam_size} is more than the model's vocabulary of {model.config.vocab_size} "
+                        "tokens")
     if not lines:
         return []
     report = report or logger.warning
