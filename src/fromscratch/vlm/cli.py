@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
+from fromscratch.inputs import checked_output
 from fromscratch.vlm import sources
 from fromscratch.vlm.config import VLMConfig
 from fromscratch.vlm.training import DEFAULTS, train
@@ -112,14 +112,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fromscratch.vlm.scenes import load_mnist, zero_shot_digits
 
     _check_beam(args.beam)
+    if args.limit is not None and args.limit < 2:
+        raise UserError(f"--limit must be at least 2, got {args.limit}")
     what = sources.kind(args.data)
+    output = checked_output(args.output, "--output") if args.output else None
     model = _load(args.checkpoint, args.device)
     c, settings = model.config, model.settings
     scene_settings = settings.get("scenes") or sources.SCENE_DEFAULTS
     split = sources.load_part(args.data, "test", c.image_size, c.n_channels, test_file=args.test, scenes=scene_settings)
     if args.limit is not None:
-        if args.limit < 2:
-            raise UserError(f"--limit must be at least 2, got {args.limit}")
         split = split.first(args.limit)
     blind = bool(settings.get("blind"))
     print(split.summary() + (" (question-only model: every image black)" if blind else ""))
@@ -153,8 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"zero-shot digits by text prompts alone: {_percent(zero_shot['accuracy'])} "
                   f"(n={zero_shot['n']}, chance 10.00)")
             report["zero_shot_digits"] = zero_shot
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if output:
+        output.write_text(json.dumps(report, indent=2) + "\n")
     if split.captions:
         print(f"CIDEr {100 * report['captions']['cider']:.2f}")
     else:
@@ -163,15 +164,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_caption(args: argparse.Namespace) -> None:
     _check_beam(args.beam)
+    attention_map = checked_output(args.attention_map, "--attention-map", ".png") if args.attention_map else None
     model = _load(args.checkpoint, args.device)
     images = _read_images(model, args.images)
     captions = model.caption(images, args.beam, model.settings.get("max_caption_tokens", 32))
     for path, caption in zip(args.images, captions):
         print(f"{path}\t{caption}" if len(args.images) > 1 else caption)
-    if args.attention_map:
+    if attention_map:
         from fromscratch.vlm.figures import plot_attention_maps
 
-        print(f"attention map: {plot_attention_maps(model, images, args.attention_map, args.beam)}", file=sys.stderr)
+        print(f"attention map: {plot_attention_maps(model, images, attention_map, args.beam)}", file=sys.stderr)
 
 
 def cmd_ask(args: argparse.Namespace) -> None:

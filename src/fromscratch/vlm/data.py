@@ -27,8 +27,9 @@ The data:
     VQAv2      (Goyal et al. 2017) from the hub, `HuggingFaceM4/VQAv2` (`vqa_from_hf`,
                `load_hub_vqa`); its ten human answers per question feed `metrics.vqa_accuracy`.
 
-Every mistake in a file (malformed JSON, a missing field, a field of the wrong type, a missing
-or unreadable image) is a `UserError` naming the file and the entry.
+Every mistake in a file (malformed JSON, no entries, a missing or empty field, a field of the
+wrong type, a repeated image id, a missing, unreadable or huge image) is a `UserError` naming the
+file and the entry.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ def _decode(file: Path | io.BytesIO, size: int, channels: int, where: str) -> np
             return image_to_array(image, size, channels)
     except FileNotFoundError:
         raise UserError(f"{where}: image not found") from None
+    except Image.DecompressionBombError as e:  # PIL refuses to decode it: a decompression bomb, or a huge scan
+        raise UserError(f"{where}: image too large to decode ({e})") from None
     except (UnidentifiedImageError, OSError) as e:  # not an image, or truncated
         raise UserError(f"{where}: not a readable image ({e})") from None
 
@@ -207,6 +210,8 @@ def load_images(paths: Sequence[str | os.PathLike], size: int, channels: int = 3
     _check_image_format(size, channels)
     paths = [Path(p) for p in paths]
     for path in paths:
+        if path.is_dir():
+            raise UserError(f"{path}: a directory, not an image")
         if not path.is_file():
             raise UserError(f"{path}: image not found")
     shape = (len(paths), channels, size, size)
@@ -334,6 +339,8 @@ def _read_vqa_rad_entries(json_path: Path, images_dir: Path) -> list[dict]:
     data = _read_json(json_path)
     if not isinstance(data, list):
         raise UserError(f"{json_path}: expected a JSON list of questions, found {type(data).__name__}")
+    if not data:
+        raise UserError(f"{json_path}: no questions")
     entries = []
     for i, entry in enumerate(data):
         where = f"{json_path} entry {i}"
@@ -344,10 +351,13 @@ def _read_vqa_rad_entries(json_path: Path, images_dir: Path) -> list[dict]:
         image_name = _field(entry, "image_name", str, where)
         if not (images_dir / image_name).is_file():
             raise UserError(f"{where}: image {images_dir / image_name} not found")
+        question = " ".join(_field(entry, "question", str, where).split())
+        answer = normalize_answer(_field(entry, "answer", (str, int, float), where))
+        for key, value in (("question", question), ("answer", answer)):
+            if not value:
+                raise UserError(f"{where}: empty {key}")
         entries.append({
-            "image_name": image_name,
-            "question": " ".join(_field(entry, "question", str, where).split()),
-            "answer": normalize_answer(_field(entry, "answer", (str, int, float), where)),
+            "image_name": image_name, "question": question, "answer": answer,
             "answer_type": _field(entry, "answer_type", str, where).strip().lower(),  # two say "CLOSED "
             "question_type": _field(entry, "question_type", str, where).strip().upper(),
             "source": f"{json_path.name}[{i}]",
@@ -389,8 +399,9 @@ def load_vqa_rad(root: str | os.PathLike | None = None, split: str = "train", va
     """VQA-RAD's trainset.json split by image into "train" and "val" (no image in both, so val
     accuracy is not inflated by questions on images seen in training).
 
-    `root` holds trainset.json and images/ (default $FROMSCRATCH_DATA/vqa-rad). Images uint8
-    (N, channels, size, size); `val_fraction` is a fraction of the images, not of the questions.
+    `root` holds trainset.json and images/ (default $FROMSCRATCH_DATA/vqa-rad); the parts are
+    named after it ("vqa-rad-train", "mydata-val"). Images uint8 (N, channels, size, size);
+    `val_fraction` is a fraction of the images, not of the questions.
     """
     if split not in VQA_RAD_SPLITS:
         raise UserError(f"VQA-RAD splits of trainset.json are {' and '.join(VQA_RAD_SPLITS)}, not {split!r} "
@@ -400,7 +411,8 @@ def load_vqa_rad(root: str | os.PathLike | None = None, split: str = "train", va
     entries = _read_vqa_rad_entries(root / "trainset.json", images_dir)
     val_images = split_by_image([e["image_name"] for e in entries], val_fraction, seed)
     entries = [e for e in entries if (e["image_name"] in val_images) == (split == "val")]
-    return _vqa_rad_dataset(entries, images_dir, f"vqa-rad-{split}", size, channels, cache_dir)
+    name = Path(os.path.abspath(root)).name  # abspath, not resolve: "." gets its folder's name, a link keeps its own
+    return _vqa_rad_dataset(entries, images_dir, f"{name}-{split}", size, channels, cache_dir)
 
 
 def load_vqa_rad_file(json_path: str | os.PathLike, images_dir: str | os.PathLike | None = None,
@@ -440,7 +452,12 @@ def load_coco_captions_json(annotations_json: str | os.PathLike, images_dir: str
         where = f"{path} images[{i}]"
         if not isinstance(image, dict):
             raise UserError(f"{where}: expected an object, found {type(image).__name__}")
-        file_names[_field(image, "id", int, where)] = _field(image, "file_name", str, where)
+        image_id = _field(image, "id", int, where)
+        if image_id in file_names:
+            raise UserError(f"{where}: id {image_id} is already the id of {file_names[image_id]}")
+        file_names[image_id] = _field(image, "file_name", str, where)
+    if not annotations:
+        raise UserError(f"{path}: no captions")
     captions: dict[int, list[str]] = {}
     for i, annotation in enumerate(annotations):
         where = f"{path} annotations[{i}]"
@@ -449,7 +466,10 @@ def load_coco_captions_json(annotations_json: str | os.PathLike, images_dir: str
         image_id = _field(annotation, "image_id", int, where)
         if image_id not in file_names:
             raise UserError(f"{where}: image_id {image_id} is not in 'images'")
-        captions.setdefault(image_id, []).append(" ".join(_field(annotation, "caption", str, where).split()))
+        caption = " ".join(_field(annotation, "caption", str, where).split())
+        if not caption:
+            raise UserError(f"{where}: empty caption")
+        captions.setdefault(image_id, []).append(caption)
     captioned = [i for i in file_names if i in captions]
     if len(captioned) < len(file_names):
         logger.info("%s: %d images without a caption left out", path, len(file_names) - len(captioned))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import time
@@ -48,6 +49,8 @@ from fromscratch.vlm.fast import accelerate
 from fromscratch.vlm.metrics import exact_match
 from fromscratch.vlm.model import VLM, coca_loss, pad_rows
 from fromscratch.vlm.tokenizer import TOKENIZER_FILE, WordTokenizer
+
+logger = logging.getLogger(__name__)
 
 MODEL_NAME = "vlm"
 TASK_FILE = "task.json"
@@ -85,6 +88,9 @@ class VLMTask:
                  val: sources.Split, batch_images: int, texts_per_image: int, seed: int, settings: dict):
         if model_config.vocab_size != tokenizer.vocab_size:
             raise UserError(f"model vocab_size {model_config.vocab_size} ≠ tokenizer's {tokenizer.vocab_size}")
+        if not (train.captions or train.questions):  # e.g. a folder whose one image is the validation part
+            raise UserError(f"{train.name}: no captions or questions at all in the training part "
+                            f"({len(train.images)} images; the validation part has {len(val.images)})")
         self.model_config, self.tokenizer, self.settings = model_config, tokenizer, settings
         self.seed, self.batch_images, self.texts_per_image = seed, batch_images, texts_per_image
         self.blind = bool(settings.get("blind"))
@@ -92,27 +98,39 @@ class VLMTask:
             torch.manual_seed(seed)
             self.model = accelerate(VLM(model_config, tokenizer))  # the fast paths: same maths (fast.py)
         self.train, self.val = train, val
-        self.train_texts = self._texts(train)
-        self.val_texts = self._texts(val)
+        self.train_texts, _ = self._texts(train)
+        self.val_texts, self.val_questions = self._texts(val)
         if not any(caps or qas for caps, qas in self.train_texts):
             raise UserError(f"{train.name}: no caption or question fits the model's "
                             f"{model_config.max_text_len} positions")
-        self.best_metric, self.best_mode = ("val_accuracy", "max") if val.questions else ("val_loss", "min")
+        self.best_metric, self.best_mode = ("val_accuracy", "max") if self.val_questions else ("val_loss", "min")
 
-    def _texts(self, split: sources.Split) -> list[tuple[list, list]]:
-        """Per image: (its captions, its questions), each as (input, targets) token lists."""
+    def _texts(self, split: sources.Split) -> tuple[list[tuple[list, list]], list]:
+        """Per image: (its captions, its questions), each as (input, targets) token lists; and the
+        questions kept. Texts longer than the model's positions are left out, with a warning."""
         c, tok = self.model_config, self.tokenizer
         texts: list[tuple[list, list]] = [([], []) for _ in range(len(split.images))]
+        n_captions = 0
         for example in split.captions:
             for caption in tok.encode_batch(list(example.captions)):
-                texts[example.image][0].append(sequence(c, [], caption))
+                n_captions += 1
+                text = sequence(c, [], caption)
+                if len(text[0]) <= c.max_text_len:
+                    texts[example.image][0].append(text)
         questions = tok.encode_batch([e.question for e in split.questions])
         answers = tok.encode_batch([e.answer for e in split.questions])
+        kept = []
         for example, q, a in zip(split.questions, questions, answers):
-            texts[example.image][1].append(sequence(c, [*q, c.sep_id], a))
-        limit = c.max_text_len
-        return [([t for t in caps if len(t[0]) <= limit], [t for t in qas if len(t[0]) <= limit])
-                for caps, qas in texts]
+            text = sequence(c, [*q, c.sep_id], a)
+            if len(text[0]) <= c.max_text_len:
+                texts[example.image][1].append(text)
+                kept.append(example)
+        long_captions = n_captions - sum(len(caps) for caps, _ in texts)
+        if long_captions or len(kept) < len(questions):
+            logger.warning("%s: %d of %d questions and %d of %d captions are longer than the model's %d text "
+                           "positions: left out", split.name, len(questions) - len(kept), len(questions),
+                           long_captions, n_captions, c.max_text_len)
+        return texts, kept
 
     # --- batches -----------------------------------------------------------------------------
 
@@ -194,8 +212,8 @@ class VLMTask:
         if contrastive:
             metrics["val_contrastive"] = sum(contrastive) / len(contrastive)
             metrics["val_loss"] += c.contrastive_loss_weight * metrics["val_contrastive"]
-        if self.val.questions:
-            questions = self.val.questions[:EVAL_QUESTIONS]
+        if self.val_questions:
+            questions = self.val_questions[:EVAL_QUESTIONS]
             predictions = answer_questions(model, self.tokenizer, self.val.images, questions,
                                            self.settings["max_answer_tokens"], blind=self.blind)
             right = sum(exact_match(p, q.answer) for p, q in zip(predictions, questions))
@@ -212,14 +230,22 @@ class VLMTask:
 def answer_questions(model, tokenizer, images: torch.Tensor, questions, max_new_tokens: int, batch_size: int = 256,
                      blind: bool = False, image_of=None, beam_size: int = 1) -> list[str]:
     """Greedy (or beam) answers to VQAExamples `questions` about rows of `images` (uint8),
-    `batch_size` questions at a time. image_of(example) picks the image row (default: example.image)."""
+    `batch_size` questions at a time. image_of(example) picks the image row (default: example.image).
+    A question that leaves no room for an answer in the model's positions is a UserError naming
+    it, before any is answered."""
     image_of = image_of or (lambda e: e.image)
+    question_ids = tokenizer.encode_batch([e.question for e in questions])
+    limit = model.config.max_text_len
+    for i, (example, ids) in enumerate(zip(questions, question_ids)):
+        if len(ids) + 2 >= limit:  # <s> question <sep>, then at least one answer token
+            raise UserError(f"{example.source or f'question {i}'}: the question is {len(ids)} tokens long; the "
+                            f"model's {limit} text positions leave room for an answer after at most {limit - 3}")
     answers = []
     for start in range(0, len(questions), batch_size):
         part = questions[start:start + batch_size]
         batch = images[[image_of(e) for e in part]]
         pixels = model.pixels(torch.zeros_like(batch) if blind else batch)
-        ids = answer_ids(model, pixels, tokenizer.encode_batch([e.question for e in part]), max_new_tokens, beam_size)
+        ids = answer_ids(model, pixels, question_ids[start:start + batch_size], max_new_tokens, beam_size)
         answers += tokenizer.decode_batch(ids)
     return answers
 
@@ -260,8 +286,10 @@ def train(data: str, out: str | os.PathLike, *, preset: str | None = None, texts
     VLMConfig.from_preset(preset)  # an unknown preset fails here
     if texts_per_image < 1:
         raise UserError(f"--texts-per-image must be at least 1, got {texts_per_image}")
-    if scenes is not None and (what != "scenes" or scenes < 10):
+    if scenes is not None and what != "scenes":
         raise UserError("--scenes N (at least 10) is for --data scenes")
+    if scenes is not None and scenes < 10:
+        raise UserError(f"--scenes must be at least 10, got {scenes}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun (the engine checks again)
     if config.batch_size % (processes * config.grad_accum):
         raise UserError(f"--batch-size {config.batch_size} is not divisible by processes × --grad-accum = "
