@@ -419,3 +419,39 @@ def test_llama_convert_under_a_file_is_refused(llama_run, tmp_path):
     assert_one_line_error(cli("llama", "convert", "--checkpoint", llama_run, "--out", a_file / "hf"),
                           f"{a_file} is a file, so no directory can be made under it")
     assert a_file.read_text() == "precious\n"
+
+
+def test_a_tokenizer_smaller_than_a_runs_model_is_refused(llama_run, tmp_path):
+    """A run's model is made for its own tokenizer: with a smaller one, the prompt's words would be
+    unknown and every id past the tokenizer's would vanish from the text."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    small = tmp_path / "tokenizer.json"
+    HFTokenizer(models.WordLevel({"<unk>": 0, "Once": 1, "upon": 2}, unk_token="<unk>")).save(str(small))
+    assert_one_line_error(cli("llama", "generate", "--checkpoint", llama_run, "--tokenizer", small, "--prompt", "Once",
+                              "--max-new-tokens", "2"), f"the tokenizer {small} has 3 tokens but the model 512")
+
+
+def test_vocabulary_sizes_sentencepiece_refuses_are_said_in_terms_of_the_flag(tmp_path):
+    text = tmp_path / "chars.txt"  # 150 distinct characters: more than 300 − 259 (specials and bytes)
+    text.write_text(("".join(chr(0x4E00 + i) for i in range(150)) + "\n") * 20, encoding="utf-8")
+    assert_one_line_error(cli("llama", "train", "--data", text, "--out", tmp_path / "a", "--preset", "tiny",
+                              "--vocab-size", "300", "--max-steps", "1", "--device", "cpu"),
+                          "--vocab-size 300 is too small: the text has")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("abc\n", encoding="utf-8")
+    assert_one_line_error(cli("llama", "train", "--data", tiny, "--out", tmp_path / "b", "--preset", "tiny",
+                              "--vocab-size", "2048", "--max-steps", "1", "--device", "cpu"),
+                          "--vocab-size 2048: the text is too small for that many tokens; give at most")
+    one_line = tmp_path / "one-line.txt"  # no line SentencePiece reads
+    one_line.write_text("word " * 2000, encoding="utf-8")
+    assert_one_line_error(cli("llama", "train", "--data", one_line, "--out", tmp_path / "c", "--preset", "tiny",
+                              "--vocab-size", "300", "--max-steps", "1", "--device", "cpu"),
+                          "it skips lines over 4,192 bytes; break the text into lines")
+
+
+def test_a_directory_given_as_data_is_named_a_directory(tmp_path, llama_run):
+    assert_one_line_error(llama_train(tmp_path, tmp_path / "run"), f"--data {tmp_path}: a directory; give a text file")
+    assert_one_line_error(cli("moe", "inspect", "--checkpoint", llama_run, "--data", tmp_path, "--out",
+                              tmp_path / "usage.png"), "a directory; give a text file")

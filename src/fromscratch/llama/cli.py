@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fromscratch.blocks import check_sampling_options
 from fromscratch.blocks.search import check_ngram_size
+from fromscratch.checkpoints.runs import run_checkpoint
 from fromscratch.devices import resolve_device
 from fromscratch.engine import add_train_arguments, engine_options
 from fromscratch.errors import UserError
@@ -106,7 +107,9 @@ def generate_from_checkpoint(args, model_class: type, read) -> None:
     device = resolve_device(args.device)
     ckpt = read(args.checkpoint)
     model = accelerate(build_model(model_class, ckpt).to(device).eval())
-    print_generation(model, checkpoint_tokenizer(args, ckpt.path), prompt_text, args)
+    tokenizer = checkpoint_tokenizer(args, ckpt.path)
+    check_tokenizer_fits(tokenizer, model, ckpt.path)
+    print_generation(model, tokenizer, prompt_text, args)
 
 
 def checkpoint_tokenizer(args, checkpoint_path: Path) -> Tokenizer:
@@ -117,14 +120,19 @@ def checkpoint_tokenizer(args, checkpoint_path: Path) -> Tokenizer:
     return Tokenizer(tokenizer_path)
 
 
+def check_tokenizer_fits(tokenizer: Tokenizer, model, checkpoint_path: Path) -> None:
+    """Refuse a tokenizer with more tokens than the model, or, for a run of ours (whose model is
+    made for its tokenizer), with fewer: the model would generate ids it cannot decode. A Hugging
+    Face model may pad its embedding past its tokenizer, so there fewer is allowed."""
+    model_size, size = model.config.vocab_size, tokenizer.vocab_size
+    if size > model_size or (size < model_size and run_checkpoint(checkpoint_path) is not None):
+        raise UserError(f"the tokenizer {tokenizer.path} has {size} tokens but the model {model_size}: they do not "
+                        "belong together; pass the model's own --tokenizer")
+
+
 def print_generation(model, tokenizer: Tokenizer, prompt_text: str, args) -> None:
     """Continue `prompt_text` with `model` (Llama, or a model built on it) as `llama generate`'s
-    flags say, printing the text as it grows."""
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size}: they do not belong together; pass the model's own --tokenizer"
-        )
+    flags say, printing the text as it grows (the tokenizer checked by `check_tokenizer_fits`)."""
     prompt = tokenizer.encode(prompt_text, bos=tokenizer.bos_id is not None)
     context = model.config.max_seq_len
     if len(prompt) >= context:

@@ -35,7 +35,8 @@ def check_sources(sources: list[str]) -> None:
             if not source[3:].split(":")[0]:
                 raise UserError(f"--data {source}: give a dataset name, hf:NAME[:SPLIT[:FIELD]]")
         elif not Path(source).is_file():
-            raise UserError(f"--data {source}: no such file")
+            raise UserError(f"--data {source}: " + ("a directory; give a text file" if Path(source).is_dir()
+                                                    else "no such file"))
         else:
             check_utf8(Path(source))
 
@@ -57,7 +58,7 @@ def check_utf8(path: Path, chunk_size: int = 1 << 24) -> None:
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text (it ends inside a character: {e.reason})") from None
     if not has_text:
-        raise UserError(f"{path} is empty: it holds no text to train on" + (" (only whitespace)" if offset else ""))
+        raise UserError(f"{path} is empty: it holds no text" + (" (only whitespace)" if offset else ""))
 
 
 def paragraphs_from_file(path: Path) -> Iterator[str]:

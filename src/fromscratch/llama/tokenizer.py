@@ -11,6 +11,7 @@ byte fallback, whitespace kept as it is), e.g. a small vocabulary for a tiny mod
 """
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -157,5 +158,22 @@ def train_tokenizer(files, vocab_size: int, out_prefix, kind: str = "sentencepie
             minloglevel=2,  # quiet
         )
     except RuntimeError as e:
-        raise UserError(f"SentencePiece training failed: {e}") from None
+        raise UserError(_training_error(str(e), vocab_size)) from None
     return out_prefix.with_name(out_prefix.name + ".model")
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    """SentencePiece's refusals of a vocabulary size, said in terms of --vocab-size (its own name
+    the flags it suggests, which this command does not have)."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", message)
+    if too_high:
+        return (f"--vocab-size {vocab_size}: the text is too small for that many tokens; give at most "
+                f"{too_high.group(2)}, or more text")
+    too_small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_small:
+        return (f"--vocab-size {vocab_size} is too small: the text has {too_small.group(2)} distinct characters, "
+                "and the vocabulary must hold them besides its specials and bytes; give more")
+    if "!sentences_.empty()" in message:  # every line over its max_sentence_length, 4,192 bytes
+        return ("SentencePiece found no line to learn from: it skips lines over 4,192 bytes; break the text "
+                "into lines")
+    return f"SentencePiece training failed: {message}"

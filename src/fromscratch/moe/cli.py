@@ -18,14 +18,16 @@ import torch
 from fromscratch.devices import resolve_device
 from fromscratch.engine import engine_options
 from fromscratch.errors import UserError
+from fromscratch.inputs import checked_output
 from fromscratch.llama.checkpoints import build_model
 from fromscratch.llama.cli import (
     add_generate_arguments,
     add_language_model_arguments,
+    check_tokenizer_fits,
     checkpoint_tokenizer,
     generate_from_checkpoint,
 )
-from fromscratch.llama.data import check_utf8, paragraphs_from_file
+from fromscratch.llama.data import check_sources, paragraphs_from_file
 from fromscratch.moe.checkpoints import read_checkpoint
 from fromscratch.moe.usage import expert_usage, plot_expert_usage
 from fromscratch.moe.model import MoELlama
@@ -82,18 +84,13 @@ def inspect_command(args) -> None:
     sparse block, and draw them (`moe/usage.py`)."""
     if args.max_tokens < 1 or args.top < 1:
         raise UserError("--max-tokens and --top must be at least 1")
-    if not Path(args.data).is_file():
-        raise UserError(f"--data {args.data}: no such file")
-    check_utf8(Path(args.data))
-    if Path(args.out).suffix.lower() != ".png":
-        raise UserError(f"--out {args.out}: give a .png path")
+    check_sources([args.data])  # as `moe train` checks its data
+    checked_output(args.out, "--out", ".png")
     device = resolve_device(args.device)
     ckpt = read_checkpoint(args.checkpoint)
     tokenizer = checkpoint_tokenizer(args, ckpt.path)
     model = build_model(MoELlama, ckpt).to(device)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.config.vocab_size}; pass the model's own --tokenizer")
+    check_tokenizer_fits(tokenizer, model, ckpt.path)
     ids: list[int] = []
     for paragraph in paragraphs_from_file(Path(args.data)):  # as `moe train` tokenizes
         ids += tokenizer.encode(paragraph, bos=tokenizer.bos_id is not None)
