@@ -275,7 +275,7 @@ def test_bad_resume_and_eval_arguments_leave_the_run_untouched(scenes_run, tmp_p
           "--max-steps", 90, "--resume"], "'n_train': 400"),
         (["vlm", "eval", "--checkpoint", run_dir, "--data", "easy-vqa", "--test", "x.json"], "--test is for VQA-RAD"),
         (["vlm", "caption", "--checkpoint", run_dir, "x.png", "--beam", 0], "--beam must be at least 1"),
-        (["vlm", "eval", "--checkpoint", tmp_path / "nothing", "--data", "scenes"], "not a training run directory"),
+        (["vlm", "eval", "--checkpoint", tmp_path / "nothing", "--data", "scenes"], "no such file or directory"),
     ]:
         code, stdout, stderr = cli(*argv)
         assert code == 2 and stdout == "", stderr

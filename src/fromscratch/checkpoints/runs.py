@@ -112,6 +112,8 @@ def read_run(path: str | os.PathLike, model: str) -> tuple[dict, dict, Path, Pat
 
     Refuses, naming the model, a run that another model's `train` made."""
     found = run_checkpoint(path)
+    if found is None and not Path(path).exists():
+        raise UserError(f"{path}: no such file or directory (nor a training run directory)")
     if found is None:
         raise UserError(f"{path}: not a training run directory (no {INDEX}) nor a checkpoint in one")
     step_dir, run_dir = found

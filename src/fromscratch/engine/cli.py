@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from fromscratch.errors import UserError
+from fromscratch.inputs import checked_output
 
 
 def register(commands) -> None:
@@ -18,4 +19,4 @@ def plot_command(args) -> None:
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "metrics.csv").exists():
             raise UserError(f"{run_dir} is not a run directory (no metrics.csv)")
-    print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+    print(f"wrote {plot_runs(args.run_dirs, checked_output(args.out, '--out', '.png'))}")
