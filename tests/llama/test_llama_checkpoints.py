@@ -216,7 +216,10 @@ def test_save_pretrained_is_read_by_transformers_and_back_bitwise(tmp_path, vari
 
 def test_save_pretrained_carries_the_tokenizer(tmp_path, shared_data):
     spm = shared_data / "tokenizers" / "llama2-tokenizer.model"
-    save_pretrained(random_llama(), tmp_path / "hf", tokenizer_path=spm)
+    with pytest.raises(UserError, match="has 32000 tokens but the model 64: they do not belong together"):
+        save_pretrained(random_llama(), tmp_path / "hf", tokenizer_path=spm)  # would fail only when generating
+    assert not (tmp_path / "hf").exists()
+    save_pretrained(random_llama(vocab_size=32000), tmp_path / "hf", tokenizer_path=spm)
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == spm.read_bytes()
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, None)
@@ -304,7 +307,7 @@ def test_meta_llama3_vocab_parallel_embedding(tmp_path):
 
 def test_meta_converts_to_hf_with_equal_logits_and_its_tokenizer(tmp_path, shared_data):
     """Meta layout → our convert → transformers: proves the Meta reader and the permutation together."""
-    model = random_llama(n_kv_heads=2, **META_FFN)
+    model = random_llama(n_kv_heads=2, vocab_size=32000, **META_FFN)  # the tokenizer's size
     write_meta(model, tmp_path / "download" / "llama-2-tiny", 2)
     spm = tmp_path / "download" / "tokenizer.model"  # Meta's downloads keep it one level up
     spm.write_bytes((shared_data / "tokenizers" / "llama2-tokenizer.model").read_bytes())
@@ -407,7 +410,7 @@ def test_llama2c_training_checkpoint(tmp_path):
 
 
 def test_llama2c_converts_to_hf_with_equal_logits(tmp_path, shared_data):
-    model = random_llama(tie=True)
+    model = random_llama(tie=True, vocab_size=32000)  # the tokenizer's size
     export_llama2c(model, tmp_path / "model.bin", version=0)
     spm = (shared_data / "tokenizers" / "llama2-tokenizer.model").read_bytes()
     (tmp_path / "tokenizer.model").write_bytes(spm)
@@ -594,7 +597,12 @@ def test_unsupported_hf_variants_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="RoPE scaling 'linear'"):
         load_pretrained(tmp_path)
-    config.update(rope_scaling=None, model_type="mistral")
+    # A default rope_parameters (what transformers 5 writes) must not hide a rope_scaling beside it.
+    config.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="rope_scaling asks for RoPE scaling 'linear'"):
+        load_pretrained(tmp_path)
+    config.update(rope_parameters=None, rope_scaling=None, model_type="mistral")
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="model_type is 'mistral'"):
         load_pretrained(tmp_path)
@@ -658,3 +666,23 @@ def test_a_llama2c_header_that_starts_like_a_pickle(tmp_path):
     (tmp_path / "m.bin").write_bytes((tmp_path / "m.bin").read_bytes()[:-1])
     with pytest.raises(UserError, match="truncated"):
         load_pretrained(tmp_path / "m.bin")
+
+
+def test_a_single_weights_file_wins_over_a_stale_index_beside_it_as_in_transformers(tmp_path):
+    """transformers' save_pretrained of one file over a sharded save leaves the old index behind
+    (the shards go); it then loads the single file, and so do we. A weight_map naming anything
+    but a file of the directory is refused."""
+    random_hf().save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    second = random_hf(n_kv_heads=2)
+    second.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() and (tmp_path / "model.safetensors").exists()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.allclose(load_pretrained(tmp_path)(ids), second(ids).logits, atol=1e-5)
+    (tmp_path / "model.safetensors").unlink()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "../elsewhere.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="not the name of a file in the directory"):
+        load_pretrained(tmp_path)

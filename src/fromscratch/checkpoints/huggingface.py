@@ -33,20 +33,26 @@ _WEIGHT_NAMES = ("config.json", "model.safetensors.index.json", "pytorch_model.b
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The weight files of a Hugging Face directory, safetensors preferred over pickles."""
+    """The weight files of a Hugging Face directory, safetensors preferred over pickles, and a
+    single file over an index beside it, as transformers chooses (its `save_pretrained` leaves a
+    sharded save's index behind when it writes one file over it)."""
     directory = Path(directory)
     for single, index in WEIGHT_LAYOUTS:
+        if (directory / single).exists():
+            return [directory / single]
         if (directory / index).exists():
             weight_map = read_json_object(directory / index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{directory / index}: has no 'weight_map' object")
+            for key, name in weight_map.items():
+                if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                    raise UserError(f"{directory / index}: weight_map gives {key!r} the shard {name!r}, not the "
+                                    "name of a file in the directory")
             files = [directory / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise UserError(f"{directory / index} names shard {missing[0]}, which is not in {directory}")
             return files
-        if (directory / single).exists():
-            return [directory / single]
     raise UserError(
         f"{directory}: has no weights (model.safetensors, model.safetensors.index.json, "
         "pytorch_model.bin or pytorch_model.bin.index.json)"

@@ -116,9 +116,13 @@ def config_from_hf(hf: dict, source: str, model_type: str = "llama") -> dict:
     # transformers 5 keeps RoPE settings in rope_parameters; 4.x in rope_theta + rope_scaling.
     rope = json_field(hf, "rope_parameters", dict | None, source, None) or {}
     scaling = json_field(hf, "rope_scaling", dict | None, source, None) or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise UserError(f"{source}: RoPE scaling {rope_type!r} (e.g. Llama 3.1's) is not implemented here")
+    # Either key may ask for scaling (transformers applies a rope_scaling beside a default
+    # rope_parameters), so neither may hide the other's.
+    for key, settings in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        rope_type = settings.get("rope_type", settings.get("type", "default"))
+        if rope_type != "default":
+            raise UserError(f"{source}: {key} asks for RoPE scaling {rope_type!r}, which is not implemented here "
+                            "(plain RoPE only)")
     return dict(
         vocab_size=json_field(hf, "vocab_size", int, source),
         d_model=hidden_size,
@@ -246,6 +250,13 @@ def write_hf_files(out: Path, hf_config: dict, tensors: dict[str, torch.Tensor],
                    tokenizer_path: Path | None) -> None:
     """config.json (with the weights' dtype and the tokenizer's special ids), model.safetensors
     and the tokenizer, into the directory `out`."""
+    if tokenizer_path is not None:  # one with more tokens than the model would fail only when generating
+        from fromscratch.llama.tokenizer import Tokenizer
+
+        size = Tokenizer(tokenizer_path).vocab_size
+        if size > hf_config["vocab_size"]:
+            raise UserError(f"the tokenizer {tokenizer_path} has {size} tokens but the model "
+                            f"{hf_config['vocab_size']}: they do not belong together")
     dtypes = {t.dtype for t in tensors.values()}
     hf_config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch.")
     hf_config.update(_special_token_ids(tokenizer_path))
