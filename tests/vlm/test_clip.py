@@ -204,3 +204,14 @@ def test_quick_gelu_is_clips_activation():
     from transformers.activations import QuickGELUActivation
 
     torch.testing.assert_close(quick_gelu(x), QuickGELUActivation()(x))
+
+
+def test_the_tiny_preset_pools_at_its_end_of_text_token_not_at_the_largest_id():
+    """Its eos_id is not 2, the id that takes Hugging Face's legacy rule: two texts that differ
+    before their end-of-text token get different embeddings even when a larger id comes first."""
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig.from_preset("tiny")).eval()
+    eos = clip.config.eos_id
+    with torch.no_grad():
+        a, b = clip.embed_texts(torch.tensor([[900, 5, 6, eos], [900, 7, 8, eos]]))
+    assert not torch.allclose(a, b)

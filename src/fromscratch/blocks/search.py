@@ -40,6 +40,7 @@ before them, and its next-token function (which must keep a KV cache) tells each
 from its own count of steps. Each prompt's search is the one it would have alone.
 """
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -100,6 +101,27 @@ def sample(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_tokens: i
             if finished.all():
                 break
     return tokens[:, :end]
+
+
+def check_generation_inputs(ids: torch.Tensor, vocab_size: int, beam_size: int, max_new_tokens: int | None,
+                            what: str = "input_ids") -> None:
+    """What a model's `generate` takes, checked before an embedding lookup or a tensor shape fails
+    on it with a message that names neither: `ids` a (batch, time) tensor of integer token ids in
+    [0, vocab_size), `beam_size` a whole number, `max_new_tokens` a whole number ≥ 0 (or None)."""
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    if not whole(beam_size):
+        raise TypeError(f"beam_size must be a whole number, got {beam_size!r}")
+    if max_new_tokens is not None and not (whole(max_new_tokens) and max_new_tokens >= 0):
+        raise UserError(f"max_new_tokens must be a whole number ≥ 0, got {max_new_tokens!r}")
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer token ids, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise UserError(f"{what} must be (batch, time), got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise UserError(f"{what} holds ids from {int(ids.min())} to {int(ids.max())}, outside the model's "
+                        f"vocabulary of {vocab_size} (0 to {vocab_size - 1})")
 
 
 def check_ngram_size(n: int, name: str = "no_repeat_ngram_size") -> None:
@@ -179,6 +201,8 @@ def beam_search(next_logits: NextTokenLogits, prompt: torch.Tensor, max_new_toke
     waiting one takes its rows (`next_logits.admit`, module docstring), so that the batch stays
     full instead of thinning out to its slowest prompts; the translations are the same.
     """
+    if not math.isfinite(alpha):  # NaN would rank every hypothesis NaN, and none would ever win
+        raise UserError(f"the length penalty α must be a finite number, got {alpha}")
     if length_penalty_style not in LENGTH_PENALTY_STYLES:
         raise UserError(f"length_penalty_style {length_penalty_style!r}: "
                         f"choose one of {', '.join(LENGTH_PENALTY_STYLES)}")

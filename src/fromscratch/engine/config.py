@@ -49,6 +49,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        self._check_types()
         self.betas = tuple(self.betas)
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -78,6 +79,32 @@ class TrainConfig:
                 raise UserError(f"--{flag(name)} must be a positive number, got {value}")
         if not (math.isfinite(self.eps) and self.eps > 0) or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"Adam needs eps > 0 and betas in [0, 1), got eps={self.eps}, betas={self.betas}")
+        if self.min_lr > self.lr:
+            raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the cosine schedule would rise")
+
+    def _check_types(self) -> None:
+        """Each setting of the type its default has (an int where steps are counted, a bool for a
+        switch), so that a 2.5 or a "10" from Python fails here, not deep in a run already started."""
+        number = (int, float)
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default
+            if f.name == "RESUMABLE_CHANGES":
+                continue
+            if f.name == "betas":
+                ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+                    isinstance(b, number) and not isinstance(b, bool) for b in value)
+                kind = "two numbers"
+            elif isinstance(default, bool):
+                ok, kind = isinstance(value, bool), "True or False"
+            elif isinstance(default, int):
+                ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+            elif isinstance(default, float) or default is None:
+                ok = (value is None and default is None) or (isinstance(value, number) and not isinstance(value, bool))
+                kind = "a number" + (" or None" if default is None else "")
+            else:
+                ok, kind = isinstance(value, str), "a string"
+            if not ok:
+                raise UserError(f"{f.name} must be {kind}, got {value!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

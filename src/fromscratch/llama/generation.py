@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fromscratch.blocks import beam_search, check_sampling_options, sample
-from fromscratch.blocks.search import check_ngram_size
+from fromscratch.blocks.search import check_generation_inputs, check_ngram_size
 from fromscratch.errors import UserError
 
 
@@ -107,6 +107,8 @@ def generate(
         rows = [list(input_ids)] if single else [list(row) for row in input_ids]
         if not rows or any(len(row) == 0 for row in rows):
             raise UserError("every prompt needs at least one token (e.g. the BOS id)")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for row in rows for t in row):
+            raise TypeError("prompts must be token ids (ints); encode text with the tokenizer first")
         prompt_len = max(len(row) for row in rows)
         prompt = torch.tensor([[0] * (prompt_len - len(row)) + row for row in rows], device=device)
         pad = torch.tensor([prompt_len - len(row) for row in rows], device=device)
@@ -115,6 +117,7 @@ def generate(
         if input_ids.dim() != 2:
             raise UserError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         prompt, prompt_len, pad_lengths = input_ids.to(device), input_ids.size(1), None
+    check_generation_inputs(prompt, model.config.vocab_size, beam_size, max_new_tokens)
     _check_lengths(model, prompt_len, max_new_tokens)
     check_sampling_options(temperature, top_k, top_p)
     if beam_size < 1:

@@ -278,6 +278,8 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32) -> "Llama":
         """Load a Meta, Hugging Face, llama2.c or fromscratch checkpoint, or a hub name (see checkpoints/)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
         return checkpoints.build_model(cls, checkpoints.read_checkpoint(path, dtype), dtype)
 
     def save_pretrained(self, out_dir, tokenizer_path=None):

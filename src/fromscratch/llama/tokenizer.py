@@ -74,6 +74,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS in front and EOS at the end if asked (as Meta's)."""
+        if not isinstance(text, str):  # SentencePiece would encode a list element-wise, a mix of ids and lists
+            raise TypeError(f"encode takes one string, got {type(text).__name__}")
         if self._sp is not None:
             ids = self._sp.encode(text)
         else:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fromscratch.blocks import beam_search as shared_beam_search
 from fromscratch.blocks import check_sampling_options, gnmt_length_penalty, sample
-from fromscratch.blocks.search import LENGTH_PENALTY_STYLES, check_ngram_size, shared_rows
+from fromscratch.blocks.search import LENGTH_PENALTY_STYLES, check_generation_inputs, check_ngram_size, shared_rows
 from fromscratch.errors import UserError
 
 length_penalty = gnmt_length_penalty  # §6.1 ranks beams with GNMT's lp(Y) = ((5 + |Y|) / 6)^α
@@ -248,6 +248,9 @@ def generate(model, src_ids: torch.Tensor, max_new_tokens: int | None = None, be
     default limit is its own length + 50 (`beam_search`'s pool); otherwise the sources are
     decoded `pool` at a time in turn.
     Returns (B, L): no leading start token, the EOS when produced, right-padded with pad_id."""
+    check_generation_inputs(src_ids, model.config.vocab_size, beam_size, max_new_tokens, "src_ids")
+    if src_ids.size(0) == 0 or src_ids.size(1) == 0:
+        raise UserError(f"src_ids of shape {tuple(src_ids.shape)}: give at least one source of at least one token")
     if beam_size < 1:
         raise UserError(f"beam_size must be at least 1, got {beam_size}")
     if length_penalty_style not in LENGTH_PENALTY_STYLES:

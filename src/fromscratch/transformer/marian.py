@@ -65,6 +65,7 @@ POSITIONS = ("model.encoder.embed_positions.weight", "model.decoder.embed_positi
 # transformers' activation names (ACT2FN) → ours, for the ones that compute the same function.
 ACTIVATIONS_IN = {"relu": "relu", "swish": "swish", "silu": "swish", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 ACTIVATIONS_OUT = {"relu": "relu", "swish": "swish", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+MARIAN_NORM_EPS = 1e-5  # nn.LayerNorm's default, which MarianMTModel's layers keep
 # Switches of the BART family that older conversions wrote and MarianMTModel ignores: any other
 # value means weights MarianMTModel (and we) would compute wrongly.
 MARIAN_LAYOUT = {"normalize_before": (False, "pre-norm layers"),
@@ -285,6 +286,9 @@ def write_marian(model, out_dir: str | Path, tokenizer_dir: str | Path | None = 
                         "MarianMTModel is post-norm")
     if config.activation not in ACTIVATIONS_OUT:
         raise UserError(f"activation {config.activation!r} has no transformers equivalent for MarianMTModel")
+    if config.norm_eps != MARIAN_NORM_EPS:  # config.json has no field for it: it would be lost
+        raise UserError(f"norm_eps={config.norm_eps}: MarianMTModel's LayerNorms take {MARIAN_NORM_EPS}, and its "
+                        "config.json has no field for another")
     if tokenizer_dir is not None:
         MarianTokenizer.from_directory(tokenizer_dir, config)  # refuses one that does not belong to the model
     tensors = marian_tensors(model)

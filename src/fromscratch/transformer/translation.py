@@ -115,6 +115,15 @@ def translate(model, tokenizer, lines: list[str], beam_size: int = 4, batch_size
     and `report` (default: a logged warning) is told so, naming the line by its number in
     `line_numbers` (default: 1, 2, …)."""
     check_batch_size(batch_size)
+    if isinstance(lines, str):  # a string is a sequence too: it would be translated letter by letter
+        raise TypeError("translate takes a list of sentences, not one string: pass [text]")
+    bad = next((i for i, line in enumerate(lines) if not isinstance(line, str)), None)
+    if bad is not None:
+        raise TypeError(f"line {bad + 1} is {type(lines[bad]).__name__}, not a string")
+    if line_numbers is not None and len(line_numbers) != len(lines):
+        raise ValueError(f"{len(line_numbers)} line numbers for {len(lines)} lines")
+    if not isinstance(beam_size, int) or isinstance(beam_size, bool):
+        raise TypeError(f"beam_size must be an int, got {beam_size!r}")
     if beam_size > model.config.vocab_size:  # and memory for beam × vocabulary scores a sentence
         raise UserError(f"a beam of {beam_size} is more than the model's vocabulary of {model.config.vocab_size} "
                         "tokens")

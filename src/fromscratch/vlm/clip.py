@@ -77,7 +77,8 @@ class CLIPConfig(ModelConfig):
         "ViT-B/16": dict(patch_size=16),
         "tiny": dict(embed_dim=64, image_size=32, patch_size=4, vision_d_model=64, vision_n_layers=2,
                      vision_n_heads=4, vision_d_ff=256, vocab_size=1000, max_text_len=32, text_d_model=64,
-                     text_n_layers=2, text_n_heads=4, text_d_ff=256, eos_id=2),
+                     text_n_layers=2, text_n_heads=4, text_d_ff=256,
+                     eos_id=1),  # not 2: that id takes Hugging Face's legacy rule (pooling at the largest id)
     }
 
     def validate(self) -> None:

@@ -68,6 +68,8 @@ def normalize_vqa_answer(answer: str) -> str:
 def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """The VQA accuracy of one predicted answer against the human answers (VQAv2 has ten):
     min(#matching humans / 3, 1), averaged over the leave-one-human-out subsets."""
+    if isinstance(human_answers, str):  # its letters would be taken for ten humans' answers
+        raise TypeError("vqa_accuracy takes a list of human answers, not one string: pass [answer]")
     if not human_answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
     predicted = normalize_vqa_answer(prediction)
@@ -131,9 +133,22 @@ def _ngrams(words: Sequence[str], n: int = 4) -> Counter:
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
+def check_references(references: Sequence[Sequence[str]]) -> None:
+    """Each image's references are a list of captions: a bare string would be read as one caption
+    per letter; and every image needs at least one."""
+    if not references:
+        raise ValueError("no captions to score")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str):
+            raise TypeError(f"references[{i}] is one string; each image's references are a list: pass [caption]")
+        if not refs:
+            raise ValueError(f"references[{i}] is empty: each image needs at least one reference caption")
+
+
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4) -> list[float]:
     """Corpus BLEU-1 … BLEU-n of hypotheses[i] against references[i] (several each), as
     pycocoevalcap's `Bleu(4)` computes it (module docstring). Returns [BLEU-1, …, BLEU-n] in [0, 1]."""
+    check_references(references)
     tiny, small = 1e-15, 1e-9
     correct, guess = [0] * n, [0] * n
     test_length = ref_length = 0
@@ -162,6 +177,7 @@ def cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: i
             sigma: float = 6.0) -> tuple[float, list[float]]:
     """CIDEr-D of hypotheses[i] against references[i], as pycocoevalcap's `Cider` computes it
     (module docstring): (the mean over images, each image's score)."""
+    check_references(references)
     hyps = [_ngrams(caption_words(h), n) for h in hypotheses]
     refs = [[_ngrams(caption_words(r), n) for r in rs] for rs in references]
     if len(hyps) != len(refs):
