@@ -105,3 +105,16 @@ def test_caption_metrics_refuse_a_bare_string_where_a_list_belongs():
     with pytest.raises(ValueError, match="no captions to score"):
         cider_d([], [])
     assert vqa_accuracy("yes", ["yes"] * 10) == pytest.approx(1.0)  # ten humans, as VQAv2 has
+
+
+def test_decoding_ids_outside_the_tokenizer_and_exporting_to_a_directory_are_refused(tmp_path, llama):
+    from fromscratch.llama import export_llama2c
+    from fromscratch.transformer import BPETokenizer
+
+    tokenizer = BPETokenizer.train(["a small text to learn from"] * 10, vocab_size=300)
+    with pytest.raises(ValueError, match=r"ids \[99999\] are outside the tokenizer's"):
+        tokenizer.decode([5, 99999])
+    with pytest.raises(UserError, match="is a directory; give a file path"):
+        export_llama2c(llama, tmp_path)
+    with pytest.raises(TypeError, match="export_llama2c takes a model"):
+        export_llama2c(str(tmp_path), tmp_path / "model.bin")

@@ -108,6 +108,9 @@ class BPETokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Detokenised text of `ids`, stopping at the first </s> and ignoring <s> and <pad>."""
         ids = list(ids)
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:  # the tokenizers library would drop them silently, or overflow on a negative one
+            raise ValueError(f"ids {outside[:3]} are outside the tokenizer's {self.vocab_size} tokens")
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.bos_id)],

@@ -17,6 +17,7 @@ import torch
 
 from fromscratch.checkpoints.safe import tensors_only
 from fromscratch.errors import UserError
+from fromscratch.inputs import checked_output
 from fromscratch.llama.checkpoints.common import Checkpoint, cast, expected_shapes, make_config
 from fromscratch.llama.config import LlamaConfig
 
@@ -177,7 +178,9 @@ def export_llama2c(model, path: str | Path, version: int = 1, group_size: int = 
     Version 0 is the legacy bare header; 1 adds the "ak42" magic and a 256-byte header; 2
     quantizes every matrix to int8 in groups of `group_size` (halved until it divides d_model).
     """
-    config, path = model.config, Path(path)
+    if not hasattr(model, "config") or not hasattr(model, "state_dict"):
+        raise TypeError(f"export_llama2c takes a model (Llama.from_pretrained(...)), got {type(model).__name__}")
+    config, path = model.config, checked_output(path, "the llama2.c file")
     if version not in (0, 1, 2):
         raise UserError(f"llama2.c has file versions 0, 1 and 2, not {version}")
     if config.rope_theta != 10000.0 or config.norm_eps != 1e-5:
