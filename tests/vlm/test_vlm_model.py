@@ -266,3 +266,16 @@ def test_fast_path_computes_what_the_plain_model_computes(model, tokenizer):
         # a tolerance relative to each tensor's scale, not a fixed 10⁻⁴
         scale = a.grad.abs().max().item()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 + 1e-5 * scale, msg=name)
+
+
+def test_misused_image_and_text_inputs_are_named(model):
+    pictures = images(2)
+    with pytest.raises(TypeError, match="a uint8 tensor .* or a list of PIL images"):
+        model.caption(pictures.numpy())
+    with pytest.raises(UserError, match="embed_texts takes a non-empty list of texts"):
+        model.embed_texts([])
+    with pytest.raises(UserError, match="zero_shot needs a list of class prompts"):
+        model.zero_shot(pictures, [])
+    with pytest.raises(UserError, match="one list of the same number of classes for each of the 2 images"):
+        model.zero_shot(pictures, [["a red circle", "a blue square"], ["a red circle"]])
+    assert model.zero_shot(pictures, [["a red circle", "a blue square"]] * 2).shape == (2,)

@@ -117,8 +117,13 @@ class VLM(nn.Module):
         """uint8 images (B, C, H, W), or a list of PIL images (padded to a square and resized to
         image_size) → float pixel values in [−1, 1] on the model's device."""
         if not isinstance(images, torch.Tensor):
+            from PIL import Image
+
             from fromscratch.vlm.data import image_to_array
 
+            if isinstance(images, np.ndarray) or not all(isinstance(im, Image.Image) for im in images):
+                raise TypeError("images must be a uint8 tensor (B, C, H, W) or a list of PIL images; for a numpy "
+                                "array, torch.from_numpy(array) in (B, C, H, W) order")
             c = self.config
             images = torch.from_numpy(np.stack([image_to_array(im, c.image_size, c.n_channels) for im in images]))
         if images.dtype != torch.uint8 or images.dim() != 4:
@@ -230,6 +235,8 @@ class VLM(nn.Module):
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Texts → (N, embed_dim), unit norm: each text read as in training, <s> w₁ … wₙ, and its [CLS]."""
         tokenizer = self._tokenizer()
+        if isinstance(texts, str) or not texts:
+            raise UserError("embed_texts takes a non-empty list of texts")
         rows = [[self.config.bos_id, *ids] for ids in tokenizer.encode_batch(texts)]
         tokens = pad_rows(rows, self.config.pad_id).to(self.output_projection.weight.device)
         with decoding.evaluating(self):
@@ -254,10 +261,15 @@ class VLM(nn.Module):
         image, or prompts[i][k] names class k for image i. Returns the class of each image (B,)."""
         from fromscratch.vlm.clip import zero_shot_classify
 
+        if not prompts or isinstance(prompts, str):
+            raise UserError("zero_shot needs a list of class prompts (or one list per image)")
         image_embeds = self.embed_images(images)
         if isinstance(prompts[0], str):
             return zero_shot_classify(image_embeds, self.embed_texts(prompts))
         k = len(prompts[0])
+        if len(prompts) != len(image_embeds) or any(len(row) != k or not row for row in prompts):
+            raise UserError(f"per-image prompts: give one list of the same number of classes for each of the "
+                            f"{len(image_embeds)} images")
         class_embeds = self.embed_texts([p for row in prompts for p in row]).view(len(prompts), k, -1)
         return zero_shot_classify(image_embeds, class_embeds)
 
