@@ -44,7 +44,6 @@ def stdin_is_a_file() -> bool:
         return False
 
 
-
 def check_can_make(folder: Path, what: str, path) -> None:
     """UserError unless `folder` is a directory we can write in, or one we can make: not under a
     file, and its nearest existing ancestor writable. `what` and `path` name the user's flag."""

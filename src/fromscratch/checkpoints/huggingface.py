@@ -24,7 +24,7 @@ from fromscratch.checkpoints.safe import (
     torch_load,
 )
 from fromscratch.errors import UserError
-from fromscratch.inputs import check_can_make
+from fromscratch.inputs import checked_output_dir
 
 WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
                   ("pytorch_model.bin", "pytorch_model.bin.index.json"))
@@ -89,9 +89,7 @@ def write_model_directory(out_dir: str | os.PathLike, write_files: Callable[[Pat
     model is never replaced. Everything written is readable by all (0644 files, 0755 directory).
     """
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory")
-    check_can_make(out, "the model directory", out)  # under a file, or in a folder we cannot write
+    checked_output_dir(out, "the model directory")  # a file, under one, or in a folder we cannot write
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
         raise UserError(f"{out} exists, is not empty and holds no model; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

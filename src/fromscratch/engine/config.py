@@ -116,22 +116,15 @@ class TrainConfig:
         """Fail now, before any work, if the run directory cannot be made and written, the device
         does not exist here, or a resumed cooldown cannot follow a new --max-steps."""
         from fromscratch.devices import resolve_device
-
         from fromscratch.engine.schedules import check_resumed_cooldown
 
-        check_out_dir(self.out_dir)
+        checked_output_dir(self.out_dir, "--out")  # not a file, nor under one, and writable
         resolve_device(self.device)
         check_resumed_cooldown(self)
 
 
 def flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def check_out_dir(out_dir: str | os.PathLike) -> None:
-    """UserError unless `out_dir` is a directory we can write, or one we can create: it must not
-    be a file, nor lie under one, and its nearest existing ancestor must be writable."""
-    checked_output_dir(out_dir, "--out")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:

@@ -118,8 +118,9 @@ def register(subparsers) -> None:
     eval_p.add_argument("--batch-size", type=int, default=64,
                         help="sentences decoded at a time (default: 64); beam search keeps that many in its "
                              "batch, each that is done giving its place to the next")
-    eval_p.add_argument("--output", metavar="FILE", help="also write the translations here, a line for each line of PREFIX.en (empty for a pair "
-                             "that was skipped)")
+    eval_p.add_argument("--output", metavar="FILE",
+                        help="also write the translations here, a line for each line of PREFIX.en (empty for a "
+                             "pair that was skipped)")
     eval_p.add_argument("--average", type=int, default=None, metavar="N",
                         help="the mean of the run's last N checkpoints (§6.1), not its best one")
     add_decoding_arguments(eval_p)

@@ -65,7 +65,7 @@ POSITIONS = ("model.encoder.embed_positions.weight", "model.decoder.embed_positi
 # transformers' activation names (ACT2FN) → ours, for the ones that compute the same function.
 ACTIVATIONS_IN = {"relu": "relu", "swish": "swish", "silu": "swish", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 ACTIVATIONS_OUT = {"relu": "relu", "swish": "swish", "gelu": "gelu", "quick_gelu": "quick_gelu"}
-MARIAN_NORM_EPS = 1e-5  # nn.LayerNorm's default, which MarianMTModel's layers keep
+MARIAN_NORM_EPS = 1e-5  # the ε of every MarianMTModel layer norm, fixed by transformers
 # Switches of the BART family that older conversions wrote and MarianMTModel ignores: any other
 # value means weights MarianMTModel (and we) would compute wrongly.
 MARIAN_LAYOUT = {"normalize_before": (False, "pre-norm layers"),
